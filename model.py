@@ -180,13 +180,14 @@ class GPT(nn.Module):
             cache.length += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, label_smoothing=0.0, cache=None):
-        """logits (B, T, vocab) at every position; loss = mean cross-entropy where targets != -1."""
+    def forward(self, idx, targets=None, label_smoothing=0.0, cache=None, reduction="mean"):
+        """logits (B, T, vocab) at every position; loss = mean cross-entropy where targets != -1
+        (reduction="sum" gives the sum instead, for averaging over several batches or processes)."""
         logits = self.lm_head(self.hidden(idx, cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1, label_smoothing=label_smoothing)
+                                   ignore_index=-1, label_smoothing=label_smoothing, reduction=reduction)
         return logits, loss
 
     def new_cache(self, batch_size, max_len):

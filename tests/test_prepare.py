@@ -1,0 +1,265 @@
+"""data/e2e/prepare.py: CSV rows -> token arrays -> batches whose loss covers exactly the completions.
+
+Uses ../shared/data/e2e (the official dev and test CSVs) when it is there, else a small CSV written here.
+"""
+
+import csv
+import socket
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import UserError
+from data.e2e import prepare
+from model import EOT, get_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "e2e"
+HAVE_SHARED = (SHARED / "devset.csv").is_file() and (SHARED / "testset_w_refs.csv").is_file()
+
+# Used when the shared data is absent, and always where a test needs these exact texts. Rows 1-2 and 4 share
+# an MR; row 3 quotes a comma and a quote; row 5's reference contains the special token's text.
+SMALL_ROWS = [
+    ("name[Café Rouge], priceRange[£20-25]", "Café Rouge costs £20-25 a head."),
+    ("name[Café Rouge], priceRange[£20-25]", "At Café Rouge you pay about £20-25."),
+    ("name[The Eagle], eatType[pub], near[Burger King]", 'The Eagle, a "pub", is near Burger King.'),
+    ("name[Café Rouge], priceRange[£20-25]", "Café Rouge: £20-25."),
+    ("name[Zizzi], area[riverside]", "Zizzi is by the river.<|endoftext|> Really."),
+    ("name[Aromi], eatType[coffee shop], food[French], customer rating[5 out of 5], area[city centre]",
+     "Aromi is a highly rated French coffee shop in the city centre, well worth a visit for breakfast."),
+]
+
+
+def write_csv(path: Path, rows, header=("mr", "ref")) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def padding(split, batches) -> int:
+    """Padded positions over all batches: each batch is as long as its longest example."""
+    return sum(int(split.lengths[b].max() * len(b) - split.lengths[b].sum()) for b in batches)
+
+
+@pytest.fixture(scope="module")
+def csv_dir(tmp_path_factory) -> Path:
+    """A --source folder: a slice of the official devset.csv (rows with £ and é in it) as devset.csv and
+    trainset.csv, or SMALL_ROWS when the shared data is absent."""
+    folder = tmp_path_factory.mktemp("csv")
+    if HAVE_SHARED:
+        lines = (SHARED / "devset.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        # Line 0 is the header; rows 340-345 name "Café Sicilia", rows 728-733 have a £ price range.
+        text = "".join(lines[0:31] + lines[340:346] + lines[728:734])
+        assert "£" in text and "é" in text
+        (folder / "devset.csv").write_text(text, encoding="utf-8")
+    else:
+        write_csv(folder / "devset.csv", SMALL_ROWS)
+    (folder / "trainset.csv").write_bytes((folder / "devset.csv").read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dev(csv_dir, tmp_path_factory):
+    """(rows, Split) of the prepared dev slice."""
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare.prepare(data_dir, source=csv_dir, splits=("dev",))
+    return prepare.read_csv(csv_dir / "devset.csv"), prepare.load_split(data_dir, "dev")
+
+
+@pytest.fixture(scope="module")
+def full_dev(tmp_path_factory):
+    """The whole official dev set prepared, or a synthetic split with lengths 10..99 when it is absent."""
+    if not HAVE_SHARED:
+        lengths = np.random.default_rng(0).integers(10, 100, size=1000)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return prepare.Split(np.zeros(offsets[-1], np.uint16), offsets, np.full(1000, 5, np.int32))
+    data_dir = tmp_path_factory.mktemp("full")
+    prepare.prepare(data_dir, source=SHARED, splits=("dev",))
+    return prepare.load_split(data_dir, "dev")
+
+
+def test_stored_tokens_decode_to_exactly_prompt_completion_eot(dev):
+    rows, split = dev
+    enc = get_tokenizer()
+    assert len(split) == len(rows) and len(rows) >= 6
+    for i, (mr, ref) in enumerate(rows):
+        tokens, prompt_len = split.example(i)
+        assert enc.decode(tokens.tolist()) == prepare.format_prompt(mr) + prepare.format_completion(ref) + (
+            "<|endoftext|>"
+        )
+        assert enc.decode(tokens[:prompt_len].tolist()) == f"{mr} ||"
+        assert prompt_len == len(enc.encode_ordinary(f"{mr} ||"))
+        assert tokens[-1] == EOT and np.count_nonzero(tokens == EOT) == 1
+    assert split.tokens.dtype == np.uint16 and split.offsets[-1] == len(split.tokens)
+
+
+def test_pound_and_e_acute_round_trip_and_text_never_makes_special_tokens(tmp_path):
+    # The CSV gets a byte-order mark, as some editors write it; it must not end up in the first MR.
+    src = tmp_path / "src"
+    src.mkdir()
+    write_csv(src / "devset.csv", SMALL_ROWS)
+    (src / "devset.csv").write_bytes(b"\xef\xbb\xbf" + (src / "devset.csv").read_bytes())
+    assert prepare.read_csv(src / "devset.csv") == SMALL_ROWS
+
+    prepare.prepare(tmp_path, source=src, splits=("dev",))
+    split = prepare.load_split(tmp_path, "dev")
+    enc = get_tokenizer()
+    texts = [enc.decode(split.example(i)[0].tolist()) for i in range(len(split))]
+    assert texts[0] == "name[Café Rouge], priceRange[£20-25] || Café Rouge costs £20-25 a head.<|endoftext|>"
+    # "<|endoftext|>" typed inside a reference is plain text: EOT appears once per example, at its end.
+    assert np.count_nonzero(split.tokens == EOT) == len(SMALL_ROWS)
+    assert texts[4].endswith("river.<|endoftext|> Really.<|endoftext|>")
+
+    # The MR file groups the references of each MR, in order of first appearance.
+    assert prepare.load_mrs(tmp_path, "dev") == [
+        ("name[Café Rouge], priceRange[£20-25]", [SMALL_ROWS[0][1], SMALL_ROWS[1][1], SMALL_ROWS[3][1]]),
+        (SMALL_ROWS[2][0], [SMALL_ROWS[2][1]]),
+        (SMALL_ROWS[4][0], [SMALL_ROWS[4][1]]),
+        (SMALL_ROWS[5][0], [SMALL_ROWS[5][1]]),
+    ]
+
+
+def test_loss_mask_covers_exactly_completion_and_eot(dev):
+    rows, split = dev
+    enc = get_tokenizer()
+    indices = np.array([0, 3, len(split) - 1, 2, 1])
+    x, y = prepare.make_batch(split, indices)
+    lengths = [len(split.example(int(i))[0]) for i in indices]
+    assert len(set(lengths)) > 1  # the batch needs padding for this test to test it
+    assert x.dtype == y.dtype == torch.long
+    assert tuple(x.shape) == tuple(y.shape) == (len(indices), max(lengths) - 1)
+
+    for b, i in enumerate(indices):
+        mr, ref = rows[i]
+        tokens, prompt_len = split.example(int(i))
+        n = len(tokens) - 1
+        completion = enc.encode_ordinary(f" {ref}") + [EOT]
+        targets = y[b][y[b] != -1].tolist()
+        assert Counter(targets) == Counter(completion)
+        assert targets == completion  # and in order, at positions prompt_len - 1 .. n - 1
+        assert (y[b, : prompt_len - 1] == -1).all() and (y[b, prompt_len - 1 : n] != -1).all()
+        assert (y[b, n:] == -1).all() and (x[b, n:] == EOT).all()  # padding
+        assert x[b, :n].tolist() == tokens[:-1].tolist()
+    completions = [len(tokens) - prompt_len for tokens, prompt_len in map(split.example, indices)]
+    assert int((y != -1).sum()) == sum(completions)
+
+
+def test_unique_mrs_of_official_dev_and_test():
+    if not HAVE_SHARED:
+        pytest.skip("../shared/data/e2e is absent")
+    dev_rows = prepare.read_csv(SHARED / "devset.csv")
+    test_rows = prepare.read_csv(SHARED / "testset_w_refs.csv")  # its header is quoted: "mr","ref"
+    assert (len(dev_rows), len(test_rows)) == (4672, 4693)
+    dev_mrs, test_mrs = prepare.unique_mrs(dev_rows), prepare.unique_mrs(test_rows)
+    assert (len(dev_mrs), len(test_mrs)) == (547, 630)
+    assert sum(len(refs) for _, refs in dev_mrs) == 4672
+    assert dev_mrs[0][0] == "name[Alimentum], area[city centre], familyFriendly[no]"
+
+
+@pytest.mark.parametrize(
+    "body, line, what",
+    [
+        # A quoted reference on lines 3-4 moves the broken row (itself spanning lines 5-6) to line 5.
+        ('"a[1]","one"\n"b[2]","two\nlines"\n"c[3]","three\nlines","extra"\n', 5, "expected 2 fields"),
+        ('"a[1]","one"\n,"no mr"\n', 3, "mr is empty"),
+        ('"a[1]","one"\n"b[2]"\n', 3, "expected 2 fields"),
+    ],
+)
+def test_broken_row_names_file_and_line(tmp_path, body, line, what):
+    path = tmp_path / "file.csv"
+    path.write_text("mr,ref\n" + body, encoding="utf-8")
+    with pytest.raises(UserError, match=f"file.csv:{line}: .*{what}"):
+        prepare.read_csv(path)
+
+
+def test_wrong_header_is_refused(tmp_path):
+    path = write_csv(tmp_path / "file.csv", [("a[1]", "one")], header=("meaning", "text"))
+    with pytest.raises(UserError, match="file.csv:1: the header must be mr,ref"):
+        prepare.read_csv(path)
+
+
+def test_batch_order_is_a_seeded_permutation(full_dev):
+    n, size = len(full_dev), 7
+    assert n % size != 0  # so there is a partial batch to keep
+    for bucket in (False, True):
+        batches = prepare.batch_order(full_dev, size, seed=3, epoch=0, bucket=bucket)
+        again = prepare.batch_order(full_dev, size, seed=3, epoch=0, bucket=bucket)
+        other = prepare.batch_order(full_dev, size, seed=3, epoch=1, bucket=bucket)
+        assert [b.tolist() for b in batches] == [b.tolist() for b in again]
+        assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+        assert sorted(np.concatenate(other).tolist()) == list(range(n))
+        assert np.concatenate(batches).tolist() != np.concatenate(other).tolist()
+        # ceil(n / size) batches, all full but one that holds the remainder
+        sizes = sorted(len(b) for b in batches)
+        assert len(batches) == -(-n // size) and sizes == [n % size] + [size] * (len(batches) - 1)
+
+
+def test_bucketing_cuts_padding(full_dev):
+    plain = prepare.batch_order(full_dev, 16, seed=0, epoch=0)
+    bucketed = prepare.batch_order(full_dev, 16, seed=0, epoch=0, bucket=True)
+    assert sorted(np.concatenate(bucketed).tolist()) == list(range(len(full_dev)))
+    # Sorting within windows of 50 batches leaves neighbours of almost equal length.
+    assert padding(full_dev, bucketed) * 5 < padding(full_dev, plain)
+    # ... and the batches are shuffled afterwards, so training does not go from short to long in each window.
+    means = [full_dev.lengths[b].mean() for b in bucketed[:50]]
+    assert means != sorted(means)
+
+
+def test_make_batch_pads_to_the_batch_not_a_fixed_length(full_dev):
+    for batch in prepare.batch_order(full_dev, 16, seed=0, epoch=0, bucket=True)[:5]:
+        x, y = prepare.make_batch(full_dev, batch)
+        assert x.shape[1] == full_dev.lengths[batch].max() - 1
+
+
+def test_ensure_prepared_downloads_only_what_is_missing(csv_dir, tmp_path, monkeypatch):
+    (tmp_path / "devset.csv").write_bytes((csv_dir / "devset.csv").read_bytes())
+    # The dev CSV is there, so no download may happen: a download would fail on this URL.
+    monkeypatch.setitem(prepare.URLS, "dev", closed_port_url())
+    prepare.ensure_prepared(tmp_path, ("dev",))
+    stamp = (tmp_path / "dev.npz").stat().st_mtime_ns
+    prepare.ensure_prepared(tmp_path, ("dev",))
+    assert (tmp_path / "dev.npz").stat().st_mtime_ns == stamp  # prepared once, not again
+    assert len(prepare.load_split(tmp_path, "dev")) == len(prepare.read_csv(csv_dir / "devset.csv"))
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/x.csv"
+
+
+def test_missing_csv_and_no_network_is_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(prepare.URLS, "dev", closed_port_url())
+    with pytest.raises(UserError) as err:
+        prepare.ensure_prepared(tmp_path, ("dev",))
+    assert "\n" not in str(err.value) and "x.csv" in str(err.value)
+    assert not (tmp_path / "dev.npz").exists() and not (tmp_path / "devset.csv").exists()
+
+    with pytest.raises(SystemExit) as exit_:
+        prepare.main(["--out", str(tmp_path), "--splits", "dev"])
+    assert str(exit_.value.code).startswith("error: could not download") and "\n" not in str(exit_.value.code)
+
+
+def test_missing_or_damaged_arrays_say_how_to_make_them(tmp_path):
+    with pytest.raises(UserError, match="run python data/e2e/prepare.py"):
+        prepare.load_split(tmp_path, "dev")
+    (tmp_path / "dev.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(UserError, match="dev.npz: unreadable .*run python data/e2e/prepare.py"):
+        prepare.load_split(tmp_path, "dev")
+    with pytest.raises(UserError, match="run python data/e2e/prepare.py"):
+        prepare.load_mrs(tmp_path, "dev")
+
+
+def test_main_prints_counts(csv_dir, tmp_path, capsys):
+    prepare.main(["--source", str(csv_dir), "--data", str(tmp_path), "--splits", "train", "dev"])
+    out = capsys.readouterr().out
+    n = len(prepare.read_csv(csv_dir / "devset.csv"))
+    tokens = len(prepare.load_split(tmp_path, "train").tokens)
+    assert f"train: {n:,} examples, {tokens:,} tokens" in out and f"dev: {n:,} examples" in out
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["dev.npz", "dev_mrs.json", "train.npz", "train_mrs.json"]
