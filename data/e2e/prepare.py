@@ -17,6 +17,7 @@ loss ignores. The files written next to this script (or in --out), per split:
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import sys
@@ -279,6 +280,36 @@ def make_batch(split: Split, indices) -> tuple[torch.Tensor, torch.Tensor]:
         y[b, : prompt_len - 1] = -1
     return torch.from_numpy(x), torch.from_numpy(y)
 
+
+
+def target_count(split: Split, indices) -> int:
+    """How many targets (completion tokens + EOT) the examples at indices have: the loss's denominator."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return int((split.lengths[indices] - split.prompt_lens[indices]).sum())
+
+
+@torch.no_grad()
+def summed_loss(model, split: Split, batch_size: int, device, limit=None, rank=0, world_size=1, autocast=None):
+    """The summed cross-entropy and the number of target tokens over the first `limit` examples (all by default):
+    their ratio is the mean loss per token.
+
+    Examples are taken in order, so the figure is the same in every run. With several processes, each
+    computes the loss of every world_size-th batch; the caller sums (loss_sum, count) across them.
+    Returns (loss_sum, count) as floats.
+    """
+    was_training = model.training
+    model.eval()
+    n = len(split) if limit is None else min(limit, len(split))
+    batches = [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+    loss_sum, count = 0.0, 0
+    for indices in batches[rank::world_size]:
+        x, y = make_batch(split, indices)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            _, loss = model(x.to(device), y.to(device), reduction="sum")
+        loss_sum += loss.item()
+        count += target_count(split, indices)
+    model.train(was_training)
+    return loss_sum, count
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(

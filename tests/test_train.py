@@ -1,0 +1,129 @@
+"""train.py: the loss falls, only LoRA learns, --resume continues exactly, torchrun splits the same batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import E2E_DIR
+
+import train
+from data.e2e import prepare
+from lora import lora_state_dict
+from model import GPT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def e2e_small(tmp_path_factory):
+    """Prepared data: 240 training and 64 dev rows of the official dev set (the training set is not here),
+    or a small hand-made set where the shared data is absent."""
+    src = tmp_path_factory.mktemp("e2e_src")
+    if (E2E_DIR / "devset.csv").is_file():
+        lines = (E2E_DIR / "devset.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        header, rows = lines[0], lines[1:]
+        (src / "trainset.csv").write_text(header + "".join(rows[:240]), encoding="utf-8")
+        (src / "devset.csv").write_text(header + "".join(rows[240:304]), encoding="utf-8")
+    else:
+        names = ["The Vaults", "Café Rouge", "The Mill", "Zizzi", "Aromi", "Blue Spice"]
+        rows = [f'"name[{n}], eatType[pub], priceRange[£{10 + i}]","{n} is a pub costing £{10 + i}."\n'
+                for i, n in enumerate(names * 50)]
+        (src / "trainset.csv").write_text("mr,ref\n" + "".join(rows[:240]), encoding="utf-8")
+        (src / "devset.csv").write_text("mr,ref\n" + "".join(rows[240:]), encoding="utf-8")
+    data = tmp_path_factory.mktemp("e2e_data")
+    prepare.prepare(data, source=src, splits=("train", "dev"))
+    return data
+
+
+def args_for(tiny_gpt2, data, out, *extra):
+    return ["--model", str(tiny_gpt2), "--data", str(data), "--out", str(out), "--lr", "1e-2", "--warmup", "3",
+            "--eval_examples", "16", "--batch_size", "4", "--device", "cpu", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_thirty_steps_lower_the_dev_loss_and_leave_the_base_untouched(tiny_gpt2, e2e_small, tmp_path):
+    base = GPT.from_pretrained(tiny_gpt2)
+    dev = prepare.load_split(e2e_small, "dev")
+    loss_sum, count = prepare.summed_loss(base, dev, 8, "cpu", limit=32)
+    model = train.train(train.parse_args(args_for(tiny_gpt2, e2e_small, tmp_path / "run",
+                                                  "--max_iters", "30", "--eval_interval", "10")))
+    log = read_log(tmp_path / "run")
+    assert [line["step"] for line in log] == list(range(1, 31))
+    assert [line["step"] for line in log if "val_loss" in line] == [10, 20, 30]
+    assert log[-1]["val_loss"] < loss_sum / count - 0.05  # the LoRA update has learned something
+    lora = lora_state_dict(model)
+    assert all(torch.equal(p, model.state_dict()[n]) for n, p in base.state_dict().items())
+    assert any(p.abs().sum() > 0 for n, p in lora.items() if n.endswith("lora_B"))
+    assert (tmp_path / "run" / "adapter.safetensors").is_file() and (tmp_path / "run" / "ckpt.pt").is_file()
+
+
+def test_resume_continues_exactly(tiny_gpt2, e2e_small, tmp_path):
+    """Stop after step 5 and resume to 10: steps 6-10 log the losses of one uninterrupted 10-step run
+    (dropout is on, so the RNG state must be restored too)."""
+    common = ["--max_iters", "10", "--eval_interval", "5", "--dropout", "0.1"]
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "whole", *common))
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "split", *common, "--stop_after", "5"))
+    assert [line["step"] for line in read_log(tmp_path / "split")][-1] == 5
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "split", *common, "--resume"))
+    whole, split = read_log(tmp_path / "whole"), read_log(tmp_path / "split")
+    assert [line["step"] for line in split] == list(range(1, 11))
+    assert [(line["loss"], line.get("val_loss")) for line in split[5:]] == \
+           [(line["loss"], line.get("val_loss")) for line in whole[5:]]
+
+
+def test_resume_with_other_settings_and_overwriting_a_run_are_refused(tiny_gpt2, e2e_small, tmp_path):
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--max_iters", "2", "--eval_interval", "2"))
+    adapter = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="^error: .*already holds a run"):
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--max_iters", "2"))
+    with pytest.raises(SystemExit, match="^error: --resume with other settings.*--rank"):
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--max_iters", "2", "--rank", "8", "--resume"))
+    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == adapter
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_gpt2, e2e_small, tmp_path):
+    out = tmp_path / "run"
+    # lr 1e30: the first step's update (about lr in size, whatever the gradient) sends B to ~1e30, so the
+    # second step's activations overflow fp32 (squared in LayerNorm's variance) and the loss is nan
+    with pytest.raises(SystemExit, match=r"^error: the loss became nan at step 2; the last good checkpoint"):
+        train.main(args_for(tiny_gpt2, e2e_small, out, "--max_iters", "5", "--eval_interval", "1", "--lr", "1e30",
+                            "--warmup", "0"))
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["lora"].values())
+
+
+def test_torchrun_two_processes_give_the_single_process_losses(tiny_gpt2, e2e_small, tmp_path):
+    """gloo on the CPU: each process takes half of every global batch of 4; the summed gradients are those of
+    the whole batch, so every step's loss equals the one-process run's."""
+    common = ["--max_iters", "4", "--eval_interval", "2", "--dropout", "0"]
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "one", *common))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(ROOT / "train.py"), *args_for(tiny_gpt2, e2e_small, tmp_path / "two", *common)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=240)
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True)) <= 1e-5
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5
+
+
+def test_help_works_offline():
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_CACHE_DIR"}
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "--rank" in result.stdout and "(default: 4)" in result.stdout
+
+
+def test_missing_data_without_network_is_one_clear_line(tiny_gpt2, tmp_path, monkeypatch):
+    monkeypatch.setitem(prepare.URLS, "train", "http://127.0.0.1:9/trainset.csv")  # port 9: nothing listens
+    with pytest.raises(SystemExit) as err:
+        train.main(args_for(tiny_gpt2, tmp_path / "no_data", tmp_path / "run", "--max_iters", "1"))
+    message = str(err.value)
+    assert message.startswith("error: could not download http://127.0.0.1:9/trainset.csv") and "\n" not in message
