@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import UserError, load_safetensors, read_safetensors_header, save_safetensors
+from model import GPT
 
 TARGETS = ("q", "k", "v", "o", "mlp")  # Wq, Wk, Wv, Wo, and the two MLP matrices (c_fc, c_proj)
 
@@ -237,3 +238,16 @@ def describe(config):
     scale = config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
     return f"r={config['rank']} alpha={config['alpha']:g} on {','.join(config['targets'])} (scale {scale:g})"
 
+
+
+def load_model(model=None, adapter=None, merged=None):
+    """The model a script runs: a merged checkpoint folder, or a base model plus an adapter (the base named in
+    the adapter's metadata unless `model` says otherwise), or a base model alone (gpt2 by default)."""
+    if merged is not None and adapter is not None:
+        raise UserError("give --adapter or --merged, not both (a merged checkpoint already holds its adapter)")
+    if merged is not None:
+        return GPT.from_pretrained(merged)
+    if adapter is not None:
+        base = model if model is not None else lora_config(adapter)["base_model"]
+        return load_adapter(GPT.from_pretrained(base), adapter)
+    return GPT.from_pretrained(model if model is not None else "gpt2")
