@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from checkpoint import UserError
-from lora import (LoRALinear, apply_lora, load_adapter, lora_config, lora_layers, lora_state_dict, merge_lora,
-                  save_adapter, trainable_report, unmerge_lora)
+from lora import (
+    LoRALinear,
+    apply_lora,
+    load_adapter,
+    lora_config,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    trainable_report,
+    unmerge_lora,
+)
 from model import GPT, PRETRAINED, GPTConfig
 
 

@@ -1,0 +1,451 @@
+"""What did LoRA learn? The analyses of Hu et al. (2021), section 7 and appendix H, on trained adapter files.
+
+Two questions, two commands:
+
+    python analyze.py similarity A.safetensors B.safetensors  # 7.2: do two adapters learn the same things?
+    python analyze.py deltaw A.safetensors                     # 7.3: how does Delta W relate to W?
+
+Read it top to bottom: subspace similarity (eq. 4, Figures 3, 4, 6, 7) -> Delta W against W (Table 7,
+Figure 8, the amplification factor of appendix H) -> reading adapter files and base weights -> plots
+(optional: only when matplotlib is installed) -> the command line.
+
+Conventions. A torch SVD M = P diag(s) Qh gives P (m x k, left-singular vectors as columns), s (descending)
+and Qh (k x n, right-singular vectors as rows); everything below names its vectors as columns.
+"""
+
+import argparse
+import io
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoint
+import lora
+from checkpoint import UserError
+from model import GPT
+
+# ----------------------------------------------------------------------------------------------------------
+# Section 7.2: subspace similarity between two adapters' A matrices.
+
+
+def right_singular_vectors(A):
+    """The right-singular unitary matrix of A (r x d), as a d x r matrix whose column k is the k-th direction
+    in the d-dim input space, in order of decreasing singular value (fp64, for exact tests)."""
+    return torch.linalg.svd(torch.as_tensor(A).double(), full_matrices=False).Vh.T
+
+
+def subspace_similarity(A1, A2, i, j):
+    """Eq. 4: phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), in [0, 1].
+
+    U1, U2 are the right-singular unitary matrices of A1 (r1 x d) and A2 (r2 x d). phi is the share of the
+    smaller of the two subspaces (top-i directions of A1, top-j of A2) that lies inside the larger one:
+    1 when one contains the other, 0 when they are orthogonal.
+    """
+    U1, U2 = right_singular_vectors(A1), right_singular_vectors(A2)
+    if not (1 <= i <= U1.shape[1] and 1 <= j <= U2.shape[1]):
+        raise ValueError(f"need 1 <= i <= {U1.shape[1]} and 1 <= j <= {U2.shape[1]}, got i={i}, j={j}")
+    return float(torch.linalg.matrix_norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j))
+
+
+def grid_from_directions(U1, U2):
+    """phi for every i <= U1's columns and j <= U2's columns: entry [i-1, j-1] is
+    ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j). Shared by the A-vs-A and the W-vs-Delta-W grids."""
+    overlap = (U1.T @ U2) ** 2  # overlap[a, b] = (u1_a . u2_b)^2
+    # ||U1[:, :i]^T U2[:, :j]||_F^2 is the sum of overlap over a < i, b < j: a cumulative sum both ways
+    total = overlap.cumsum(0).cumsum(1)
+    i = torch.arange(1, U1.shape[1] + 1, dtype=total.dtype)[:, None]
+    j = torch.arange(1, U2.shape[1] + 1, dtype=total.dtype)[None, :]
+    return (total / torch.minimum(i, j)).numpy()
+
+
+def similarity_grid(A1, A2):
+    """The r1 x r2 array of phi(A1, A2, i, j) (eq. 4) for i = 1..r1 (rows) and j = 1..r2 (columns)."""
+    if A1.shape[1] != A2.shape[1]:
+        raise UserError(f"A matrices act on different input sizes ({A1.shape[1]} vs {A2.shape[1]})")
+    return grid_from_directions(right_singular_vectors(A1), right_singular_vectors(A2))
+
+
+def random_baseline(A1, A2, seed=0):
+    """similarity_grid of two independent random Gaussian matrices with the shapes of A1 and A2
+    (the right panels of Figures 3 and 4: what phi looks like when nothing is shared)."""
+    g = torch.Generator().manual_seed(seed)
+    G1 = torch.randn(tuple(A1.shape), generator=g, dtype=torch.float64)
+    G2 = torch.randn(tuple(A2.shape), generator=g, dtype=torch.float64)
+    return similarity_grid(G1, G2)
+
+
+def expected_random_grid(r1, r2, d):
+    """E[phi(i, j)] = max(i, j) / d for independent uniformly random subspaces of R^d, as an r1 x r2 array.
+
+    Why: a Gaussian matrix looks the same after any rotation of R^d, so its top-i right-singular subspace
+    is uniformly random. Take i <= j. Each of the i orthonormal columns u of U1 is then a uniformly random
+    unit vector independent of U2, and the expected squared length of its projection onto a j-dim subspace
+    is j / d. Summing over the i columns, E||U1^T U2||_F^2 = i j / d; divided by min(i, j) = i: j / d.
+    """
+    i = np.arange(1, r1 + 1)[:, None]
+    j = np.arange(1, r2 + 1)[None, :]
+    return np.maximum(i, j) / d
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Section 7.3 and appendix H: Delta W against the pre-trained W.
+
+
+def delta_w(tensors, layer, projection, scale):
+    """Delta W = scale * B A (out x in, fp32) of one projection in one layer, from an adapter's tensors."""
+    prefix = tensor_prefix(layer, projection)
+    try:
+        A, B = tensors[prefix + ".lora_A"], tensors[prefix + ".lora_B"]
+    except KeyError:
+        raise UserError(f"the adapter has no update for {projection} in layer {layer}") from None
+    return scale * (B.float() @ A.float())
+
+
+def top_singular(M, r):
+    """(U, V): the top-r left- and right-singular vectors of M as columns (out x r, in x r), fp64."""
+    U, _, Vh = torch.linalg.svd(torch.as_tensor(M).double(), full_matrices=False)
+    return U[:, :r], Vh[:r].T
+
+
+def projection_norms(delta, W, r, seed=0):
+    """Table 7 of the paper and the amplification factor of appendix H.4, for one projection.
+
+    The paper projects W onto the r-dim subspaces of a reference matrix M and reports ||U^T W V^T||_F, where
+    U holds the top-r left-singular vectors of M as columns (out x r) and the paper's V is M's top-r
+    right-singular vectors as rows (r x in, numpy's `vh`), so that V^T is in x r and U^T W V^T is an r x r
+    matrix. In textbook notation M = U S V^T this is ||U_r^T W V_r||_F with V_r in x r. M is one of:
+
+        "delta":  M = Delta W                 (how much of W lies in the directions that Delta W uses)
+        "w":      M = W                       (= sqrt of the sum of W's top-r squared singular values,
+                                               the largest value any r-dim U, V can give)
+        "random": M = a Gaussian random matrix of W's shape (drawn from seed)
+
+    Returns {"delta", "w", "random"} (those three norms), "w_norm" = ||W||_F, "delta_norm" = ||Delta W||_F,
+    and "amplification" = ||Delta W||_F / ||U^T W V^T||_F with U, V from Delta W: how many times larger the
+    update is than what W already had in the same directions (about 21.5 for Wq at r = 4 in the paper).
+    """
+    delta, W = torch.as_tensor(delta).double(), torch.as_tensor(W).double()
+    if delta.shape != W.shape:
+        raise UserError(f"Delta W has shape {tuple(delta.shape)} but W has {tuple(W.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    random = torch.randn(tuple(W.shape), generator=g, dtype=torch.float64)
+    references = {"delta": delta, "w": W, "random": random}
+    norms = {}
+    for name, M in references.items():
+        U, V = top_singular(M, r)
+        norms[name] = float(torch.linalg.matrix_norm(U.T @ W @ V))
+    norms["w_norm"] = float(torch.linalg.matrix_norm(W))
+    norms["delta_norm"] = float(torch.linalg.matrix_norm(delta))
+    norms["amplification"] = norms["delta_norm"] / norms["delta"] if norms["delta"] > 0 else math.inf
+    return norms
+
+
+def singular_directions(M, side):
+    """All singular vectors of M on one side as columns, strongest first: "left" (output space, out x k)
+    or "right" (input space, in x k), k = min(out, in)."""
+    U, _, Vh = torch.linalg.svd(torch.as_tensor(M).double(), full_matrices=False)
+    if side == "left":
+        return U
+    if side == "right":
+        return Vh.T
+    raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+
+
+def w_delta_similarity(W, delta, r, side="left"):
+    """Figure 8's data: phi between W's top-i and Delta W's top-j singular directions, a k x r array.
+
+    Entry [i-1, j-1] = ||U_W[:, :i]^T U_dW[:, :j]||_F^2 / min(i, j), for i = 1..k = min(out, in) (rows) and
+    j = 1..r (columns), where U_W, U_dW hold the singular vectors of W and of Delta W (left: output space,
+    as the paper's Figure 8 is read here; right: input space). For i >= j it is the average, over Delta W's
+    top-j directions, of the squared length of each inside the span of W's top-i directions: near i / out
+    (left) or i / in (right) if Delta W ignored W, near 1 already at small i if Delta W repeated W's
+    strongest directions. The paper finds it low: Delta W amplifies directions W does not emphasize.
+    """
+    return grid_from_directions(singular_directions(W, side), singular_directions(delta, side)[:, :r])
+
+
+def random_w_similarity(W, r, side="left", seed=0):
+    """w_delta_similarity with Delta W replaced by a Gaussian random matrix of W's shape (Figure 8's
+    baseline): what the grid looks like when the r directions have nothing to do with W."""
+    g = torch.Generator().manual_seed(seed)
+    return w_delta_similarity(W, torch.randn(tuple(W.shape), generator=g, dtype=torch.float64), r, side)
+
+
+def top_tenth(W):
+    """How many of W's singular directions make its top 10% (the row of Figure 8's grid in the table)."""
+    return max(1, round(0.1 * min(W.shape)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Adapter files and base weights. Each adapted projection is named by one of PROJECTIONS.
+
+# projection -> (its Linear inside a transformer block, the key of its update inside that LoRALinear)
+PROJECTIONS = {
+    "q": ("attn.c_attn", "q"), "k": ("attn.c_attn", "k"), "v": ("attn.c_attn", "v"),
+    "o": ("attn.c_proj", "o"), "mlp_fc": ("mlp.c_fc", "mlp"), "mlp_proj": ("mlp.c_proj", "mlp"),
+}
+QKV_ROWS = {"q": 0, "k": 1, "v": 2}  # which third of c_attn's output rows (and weight rows) each one is
+LORA_A_NAME = re.compile(r"transformer\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+                         r"\.lora\.(\w+)\.lora_A")
+
+
+def tensor_prefix(layer, projection):
+    """'transformer.h.3.attn.c_attn.lora.q': the adapter tensors' names, less '.lora_A' / '.lora_B'."""
+    module, key = PROJECTIONS[projection]
+    return f"transformer.h.{layer}.{module}.lora.{key}"
+
+
+def adapter_scale(config):
+    """The factor on B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
+
+
+def load_adapter_file(path):
+    """(tensors, config) of an adapter file; UserError when it is missing or not an adapter."""
+    config = lora.lora_config(path)  # refuses files without adapter metadata
+    tensors, _ = checkpoint.load_safetensors(path)
+    return tensors, config
+
+
+def adapted_projections(tensors, path="adapter"):
+    """Every (layer, projection) the adapter updates, in layer order then PROJECTIONS order."""
+    found = set()
+    by_module = {(module, key): name for name, (module, key) in PROJECTIONS.items()}
+    for name in tensors:
+        if name.endswith(".lora_B"):
+            continue
+        match = LORA_A_NAME.fullmatch(name)
+        if match is None or (match[2], match[3]) not in by_module:
+            raise UserError(f"{path} holds a tensor this tool does not know: {name}")
+        found.add((int(match[1]), by_module[match[2], match[3]]))
+    order = list(PROJECTIONS)
+    return sorted(found, key=lambda item: (item[0], order.index(item[1])))
+
+
+def lora_A(tensors, layer, projection):
+    """The r x in matrix A of one projection, fp32."""
+    return tensors[tensor_prefix(layer, projection) + ".lora_A"].float()
+
+
+def base_weight(model, layer, projection):
+    """W0 (out x in, fp32) of one projection: for q, k, v their third of the rows of the fused c_attn."""
+    module, _ = PROJECTIONS[projection]
+    weight = model.transformer.h[layer].get_submodule(module).weight.detach().float()
+    if projection in QKV_ROWS:
+        C = model.config.n_embd
+        start = QKV_ROWS[projection] * C
+        weight = weight[start:start + C]
+    return weight
+
+
+def parse_targets(text):
+    """--target 'q,v' or 'mlp' -> projection names ('mlp' means both MLP matrices); None means all."""
+    if text is None:
+        return None
+    chosen = []
+    for word in text.split(","):
+        word = word.strip()
+        names = ["mlp_fc", "mlp_proj"] if word == "mlp" else [word]
+        for name in names:
+            if name not in PROJECTIONS:
+                raise UserError(f"unknown --target {word!r}: choose from q, k, v, o, mlp, mlp_fc, mlp_proj")
+            chosen.append(name)
+    return chosen
+
+
+def parse_layer(text, n_layer):
+    """--layer N or 'all' -> the list of layers to analyse."""
+    if text is None or text == "all":
+        return list(range(n_layer))
+    try:
+        layer = int(text)
+    except ValueError:
+        raise UserError(f"--layer must be a number or 'all', got {text!r}") from None
+    if not 0 <= layer < n_layer:
+        raise UserError(f"--layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
+    return [layer]
+
+
+def select(pairs, layers, targets):
+    """The (layer, projection) pairs asked for; UserError if a requested projection was not adapted."""
+    if targets is not None:
+        missing = sorted(set(targets) - {p for _, p in pairs})
+        if missing:
+            raise UserError(f"the adapter has no updates on {', '.join(missing)}")
+    chosen = [(layer, p) for layer, p in pairs if layer in layers and (targets is None or p in targets)]
+    if not chosen:
+        raise UserError("nothing to analyse: no adapted projection in the chosen layers")
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots: only when matplotlib is installed. Each PNG is rendered into memory, then written atomically.
+
+PLOT_HINT = "(tables only: pip install matplotlib for the heatmaps)"
+
+
+def have_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_heatmaps(path, title, panels, xlabel, ylabel):
+    """One PNG of side-by-side heatmaps, panels = [(subtitle, 2-D array with rows i and columns j)].
+
+    Rows are drawn top to bottom from i = 1 and columns left to right from j = 1, colours from 0 to 1.
+    """
+    # A Figure drawn by the Agg backend straight into memory: no display, no pyplot and its global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(4.2 * len(panels), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (subtitle, grid) in zip(axes, panels, strict=True):
+        rows, cols = grid.shape
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest",
+                          extent=(0.5, cols + 0.5, rows + 0.5, 0.5))
+        ax.set_title(subtitle, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # i and j count directions: whole numbers
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=list(axes), shrink=0.8, label="phi")
+    fig.suptitle(title, fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    with checkpoint.atomic_write(path) as f:
+        f.write(buffer.getvalue())
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line.
+
+
+def run_similarity(args):
+    """Section 7.2 on two adapter files: a table of phi per layer and projection, and heatmaps."""
+    tensors1, config1 = load_adapter_file(args.adapter1)
+    tensors2, config2 = load_adapter_file(args.adapter2)
+    if config1["shape"] != config2["shape"]:
+        differ = ", ".join(f"{k} {config1['shape'][k]} vs {v}" for k, v in config2["shape"].items()
+                           if config1["shape"][k] != v)
+        raise UserError(f"the two adapters are for models of different shapes ({differ})")
+    if config1["base_model"] != config2["base_model"]:
+        print(f"note: the adapters were trained from different base models "
+              f"({config1['base_model']} and {config2['base_model']})")
+    pairs1 = adapted_projections(tensors1, args.adapter1)
+    pairs2 = set(adapted_projections(tensors2, args.adapter2))
+    shared = [pair for pair in pairs1 if pair in pairs2]
+    if not shared:
+        raise UserError("the two adapters update no projection in common")
+    chosen = select(shared, parse_layer(args.layer, config1["shape"]["n_layer"]), parse_targets(args.target))
+    plots = have_matplotlib()
+    r1, r2 = config1["rank"], config2["rank"]
+    m = min(r1, r2)
+    print(f"subspace similarity phi (Hu et al. 2021, eq. 4) between the A matrices of\n"
+          f"  1: {args.adapter1} (r={r1})\n  2: {args.adapter2} (r={r2})\n"
+          f"mean over i, j <= {m}; 'random' is its expected value for unrelated subspaces, max(i, j) / d")
+    print(f"{'layer':>5} {'proj':>8} {'r1':>4} {'r2':>4} {'phi(1,1)':>9} {'mean phi':>9} {'random':>9}")
+    for layer, projection in chosen:
+        A1, A2 = lora_A(tensors1, layer, projection), lora_A(tensors2, layer, projection)
+        grid = similarity_grid(A1, A2)
+        expected = expected_random_grid(m, m, A1.shape[1])
+        print(f"{layer:>5} {projection:>8} {A1.shape[0]:>4} {A2.shape[0]:>4} {grid[0, 0]:>9.4f} "
+              f"{grid[:m, :m].mean():>9.4f} {expected.mean():>9.4f}")
+        if plots:
+            path = Path(args.out) / f"similarity_layer{layer}_{projection}.png"
+            save_heatmaps(path, f"layer {layer}, W{projection}: phi(A_r={r1}, A_r={r2}, i, j)",
+                          [("adapters", grid), ("random Gaussian", random_baseline(A1, A2, seed=layer))],
+                          xlabel=f"j (adapter 2, r={r2})", ylabel=f"i (adapter 1, r={r1})")
+            print(f"wrote {path}")
+    if not plots:
+        print(PLOT_HINT)
+
+
+def run_deltaw(args):
+    """Section 7.3 on one adapter file and its base model: Table 7 per projection, and Figure-8 heatmaps."""
+    tensors, config = load_adapter_file(args.adapter)
+    chosen = select(adapted_projections(tensors, args.adapter),
+                    parse_layer(args.layer, config["shape"]["n_layer"]), None)
+    name = args.model or config["base_model"]
+    model = GPT.from_pretrained(name)
+    ours = {key: getattr(model.config, key) for key in lora.SHAPE_KEYS}
+    if ours != config["shape"]:
+        theirs = config["shape"]
+        differ = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in ours.items() if theirs[k] != v)
+        raise UserError(f"{args.adapter} does not fit the model {name} ({differ})")
+    r, scale = config["rank"], adapter_scale(config)
+    plots = have_matplotlib()
+    print(f"Delta W = {scale:g} * B A of {args.adapter} (r={r}) against W of {name}\n"
+          f"||U^T W V^T||_F: W projected on the top-{r} singular vectors U, V of Delta W / W / a random "
+          f"matrix (Table 7)\n"
+          f"amplification = ||Delta W||_F / ||U^T W V^T||_F with U, V from Delta W (appendix H.4)\n"
+          f"phi W10%: phi between W's top-10% and Delta W's top-{r} left singular directions (Figure 8);\n"
+          f"  'rand' is its value for unrelated directions, max(10% of k, r) / out, k = min(out, in)")
+    print(f"{'layer':>5} {'proj':>8} {'||dW||_F':>10} {'||W||_F':>10} {'U,V: dW':>10} {'U,V: W':>10} "
+          f"{'U,V: rand':>10} {'amplif.':>9} {'phi W10%':>9} {'rand':>7}")
+    zero = []
+    for layer, projection in chosen:
+        delta = delta_w(tensors, layer, projection, scale)
+        W = base_weight(model, layer, projection)
+        norms = projection_norms(delta, W, r, seed=layer)
+        if norms["delta_norm"] == 0:
+            zero.append(f"{layer}/{projection}")
+        grid = w_delta_similarity(W, delta, r)
+        ten = top_tenth(W)
+        print(f"{layer:>5} {projection:>8} {norms['delta_norm']:>10.4f} {norms['w_norm']:>10.4f} "
+              f"{norms['delta']:>10.4f} {norms['w']:>10.4f} {norms['random']:>10.4f} "
+              f"{norms['amplification']:>9.2f} {grid[ten - 1, r - 1]:>9.4f} {max(ten, r) / W.shape[0]:>7.4f}")
+        if plots:
+            path = Path(args.out) / f"deltaw_layer{layer}_{projection}.png"
+            title = f"layer {layer}, W{projection}: phi(W top-i, Delta W top-j), left singular vectors"
+            save_heatmaps(path, title,
+                          [(f"Delta W (r={r})", grid), ("random", random_w_similarity(W, r, seed=layer))],
+                          xlabel="j (Delta W)", ylabel="i (W)")
+            print(f"wrote {path}")
+    if zero:
+        print(f"note: Delta W is zero at {', '.join(zero)} (B = 0: an untrained adapter?)")
+    if not plots:
+        print(PLOT_HINT)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sim = commands.add_parser("similarity", help="phi between two adapters' A matrices (section 7.2)")
+    sim.add_argument("adapter1", help="adapter file (.safetensors written by lora.save_adapter)")
+    sim.add_argument("adapter2", help="a second adapter file of the same base model")
+    sim.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
+    sim.add_argument("--target", default=None,
+                     help="projections, comma separated: q,k,v,o,mlp (default: all in both adapters)")
+    sim.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
+    sim.set_defaults(run=run_similarity)
+    dw = commands.add_parser("deltaw", help="Delta W against W: Table 7 and Figure 8 (section 7.3)")
+    dw.add_argument("adapter", help="adapter file (.safetensors written by lora.save_adapter)")
+    dw.add_argument("--model", default=None,
+                    help="base model name or path (default: the base model named in the adapter)")
+    dw.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
+    dw.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
+    dw.set_defaults(run=run_deltaw)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
