@@ -1,0 +1,257 @@
+"""Fold a LoRA adapter into its base model and write an ordinary GPT-2 checkpoint, checked before it appears.
+
+    python merge.py --adapter out/adapter.safetensors --out out/merged
+    python merge.py --adapter out/adapter.safetensors --check-only    # merge in memory, check, write nothing
+
+Every adapted projection becomes W = W0 + (alpha / r) B A (lora.merge_lora, accumulated in fp32): the merged
+model computes in one matmul what base + adapter computed in three, so it samples as fast as the base model.
+--out gets a complete checkpoint in the Hugging Face layout, model.safetensors + config.json, which loads
+with GPT.from_pretrained(out), `python sample.py --merged out` and transformers'
+GPT2LMHeadModel.from_pretrained(out).
+
+The check: the written files are read back from disk and compared, on a batch of prompts, with the unmerged
+model (base + adapter, computing W0 x + (alpha / r) B A x): the largest and the mean |logit difference|, and
+whether the greedy continuations are the same token for token. The folder gets its name --out only when the
+check passes; otherwise nothing is left behind and the script exits with an error.
+
+Both models run the check in float64 (the weights themselves stay fp32, as written): in fp32, rounding alone
+makes two exactly equivalent GPT-2-sized models differ by about 1e-4 in logits that reach +-150 (measured:
+1.5e-4), as much as the tolerance. In float64 the one difference left is the merge's own, W0 + (alpha / r) B A
+rounded once to fp32 (measured on the same model: 2e-6).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import lora
+from checkpoint import UserError, atomic_dir, save_safetensors
+from data.e2e import prepare
+from model import CONV1D_WEIGHTS, EOT, GPT, get_tokenizer, pick_device
+
+# The check's prompts when no prepared E2E dev MRs are found in --data: E2E-style prompts and plain text.
+FALLBACK_TEXTS = [
+    prepare.format_prompt("name[The Vaults], eatType[pub], priceRange[more than £30], "
+                          "customer rating[5 out of 5], near[Café Adriatic]"),
+    prepare.format_prompt("name[The Cambridge Blue], eatType[restaurant], food[English], priceRange[cheap], "
+                          "area[riverside]"),
+    prepare.format_prompt("name[Aromi], eatType[coffee shop], food[French], customer rating[low], "
+                          "area[city centre], familyFriendly[no]"),
+    prepare.format_prompt("name[Zizzi], eatType[pub], near[The Sorrento]"),
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1905, Albert Einstein published four papers that",
+    "Low-rank adaptation freezes the pretrained weights and",
+    "def fibonacci(n):\n",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Merge a LoRA adapter into its base model (W = W0 + (alpha / r) B A) and write a "
+        "complete GPT-2 checkpoint (model.safetensors + config.json, Hugging Face layout, fp32). The written "
+        "files are read back and checked against the unmerged model before the folder appears.")
+    parser.add_argument("--adapter", type=Path, required=True,
+                        help="the LoRA adapter file (from train.py); required")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the folder to create for the merged checkpoint; it must not exist "
+                        "(required unless --check-only)")
+    parser.add_argument("--model", default=None,
+                        help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or "
+                        ".safetensors file (default: the base model named in the adapter file)")
+    parser.add_argument("--check-only", "--check_only", dest="check_only", action="store_true",
+                        help="merge in memory and check against the unmerged model; write nothing "
+                        "(default: off)")
+    parser.add_argument("--data", type=Path, default=prepare.DATA_DIR,
+                        help="the folder with the prepared E2E data; the check uses its dev MRs "
+                        "(dev_mrs.json) when they are there, else a fixed list of texts "
+                        "(default: %(default)s)")
+    parser.add_argument("--n_check", type=int, default=16,
+                        help="how many prompts the check uses (default: %(default)s)")
+    parser.add_argument("--check_tokens", type=int, default=32,
+                        help="the length of the greedy continuations compared (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="the largest |logit difference| accepted; the check computes in float64 on the "
+                        "fp32 weights (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="where to run the check: auto (cuda, then cpu), cpu, cuda; not mps, which has "
+                        "no float64 (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def check_options(args):
+    """Refuse option values that cannot work, before anything is loaded."""
+    if args.out is None and not args.check_only:
+        raise UserError("give --out DIR for the merged checkpoint, or --check-only to write nothing")
+    if args.out is not None and not args.check_only and args.out.exists():
+        raise UserError(f"{args.out} already exists; choose another --out (a merge never overwrites)")
+    for name in ("n_check", "check_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.tolerance < 0:
+        raise UserError(f"--tolerance must be 0 or more, got {args.tolerance}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing: the inverse of GPT.from_pretrained's loading.
+
+def hf_state_dict(model):
+    """The merged model's weights as Hugging Face stores GPT-2: 'transformer.'-prefixed names, the four
+    Conv1D weights transposed back to (in, out), no LoRA tensors, and no lm_head (tied to wte)."""
+    if not all(layer.merged for layer in lora.lora_layers(model)):
+        raise ValueError("merge the LoRA layers first: until then the weights are the base model's")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if ".lora." in name or name == "lm_head.weight":
+            continue  # the updates are inside the weights now; the head is wte, tied again on loading
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()  # nn.Linear's (out, in) -> OpenAI's Conv1D (in, out)
+        tensors[name] = tensor
+    return tensors
+
+
+def hf_config(config):
+    """A config.json that transformers reads as GPT2LMHeadModel (and GPT.from_pretrained reads too)."""
+    if not config.bias:
+        raise UserError("GPT-2 checkpoints always have biases; this model has none")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the old name of n_positions, still read by some tools
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation of GELU that GPT-2 was trained with
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.1,  # OpenAI's training dropout, as in the released configs; off at inference
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.1,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def write_checkpoint(model, folder, metadata):
+    """model.safetensors and config.json of the merged model into folder."""
+    save_safetensors(hf_state_dict(model), Path(folder) / "model.safetensors", {"format": "pt", **metadata})
+    (Path(folder) / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking: merged against unmerged on the same prompts.
+
+def check_prompts(data_dir, n, max_len):
+    """(token lists, where they came from): the first n E2E dev MRs formatted as in training when they are
+    prepared in data_dir, else the first n FALLBACK_TEXTS; each cut to its last max_len tokens."""
+    path = Path(data_dir) / "dev_mrs.json"
+    if path.is_file():
+        texts = [prepare.format_prompt(mr) for mr, _ in prepare.load_mrs(data_dir, "dev")[:n]]
+        source = f"{len(texts)} E2E dev MRs from {path}"
+    else:
+        texts = FALLBACK_TEXTS[:n]
+        source = f"{len(texts)} fixed texts (no prepared dev MRs in {data_dir})"
+    enc = get_tokenizer()
+    return [enc.encode_ordinary(text)[-max_len:] for text in texts], source
+
+
+@torch.no_grad()
+def model_outputs(model, prompts, check_tokens):
+    """For each prompt: the logits (T, vocab) at its positions, on the CPU, and its greedy continuation of
+    check_tokens tokens (stopping at <|endoftext|>) as a list of token ids."""
+    device = model.transformer.wte.weight.device
+    logits, continuations = [], []
+    for tokens in prompts:
+        idx = torch.tensor([tokens], device=device)
+        logits.append(model(idx)[0][0].cpu())
+        out = model.generate(idx, check_tokens, temperature=0.0, eos_token=EOT)
+        continuations.append(out[0, len(tokens):].tolist())
+    return logits, continuations
+
+
+def compare(unmerged, merged):
+    """max and mean |logit difference| over every position of every prompt, and how many of the greedy
+    continuations are the same token for token."""
+    max_diff, total, count = 0.0, 0.0, 0
+    for a, b in zip(unmerged[0], merged[0], strict=True):
+        diff = (a - b).abs()
+        max_diff = max(max_diff, diff.max().item())
+        total += diff.double().sum().item()
+        count += diff.numel()
+    same = sum(a == b for a, b in zip(unmerged[1], merged[1], strict=True))
+    return dict(max_diff=max_diff, mean_diff=total / count, same=same, n=len(unmerged[1]))
+
+
+def report(figures, args, what):
+    """Print the figures; raise UserError when the merged model is not the unmerged one."""
+    print(f"{what} vs unmerged base + adapter, computed in float64:")
+    print(f"  max  |logit difference|  {figures['max_diff']:.3e}   (tolerance {args.tolerance:.0e})")
+    print(f"  mean |logit difference|  {figures['mean_diff']:.3e}")
+    print(f"  greedy continuations of {args.check_tokens} tokens identical: "
+          f"{figures['same']} of {figures['n']}")
+    if figures["max_diff"] > args.tolerance or figures["same"] != figures["n"]:
+        raise UserError(f"the merged model differs from the unmerged one: max |logit difference| "
+                        f"{figures['max_diff']:.3e} (tolerance {args.tolerance:.0e}), "
+                        f"{figures['n'] - figures['same']} of {figures['n']} greedy continuations differ; "
+                        f"{'nothing was written' if not args.check_only else 'the merge is wrong'}")
+
+
+def merge(args):
+    """Load base + adapter, record the unmerged outputs, merge, write (unless --check-only) and check."""
+    check_options(args)
+    config = lora.lora_config(args.adapter)
+    base = args.model or config["base_model"]  # the adapter records its base model; --model wins
+    device = pick_device(args.device)
+    if device.startswith("mps"):
+        device = "cpu"  # the check needs float64, which mps lacks
+    model = GPT.from_pretrained(base)
+    lora.load_adapter(model, args.adapter)
+    model.to(device).eval()
+    print(f"{base} + adapter {args.adapter} ({lora.describe(config)}), on {device}")
+    if args.check_tokens >= model.config.block_size:
+        raise UserError(f"--check_tokens must be below the model's block_size {model.config.block_size}")
+    prompts, source = check_prompts(args.data, args.n_check, model.config.block_size - args.check_tokens)
+    print(f"checking on {source}")
+    model.double()  # the check computes in float64 (see the top of this file)
+    unmerged = model_outputs(model, prompts, args.check_tokens)
+
+    model.float()  # back to the fp32 weights (exactly: they were fp32 before), merged as they will be stored
+    lora.merge_lora(model)
+    if args.check_only:
+        model.double()
+        figures = compare(unmerged, model_outputs(model, prompts, args.check_tokens))
+        report(figures, args, "merged in memory")
+        print("ok; --check-only: nothing written")
+        return figures
+
+    metadata = {"base_model": str(base), "adapter": str(args.adapter), "lora": lora.describe(config)}
+    with atomic_dir(args.out) as tmp:
+        write_checkpoint(model, tmp, metadata)
+        del model  # free its memory before the copy on disk is loaded
+        reloaded = GPT.from_pretrained(tmp).to(device).double().eval()
+        figures = compare(unmerged, model_outputs(reloaded, prompts, args.check_tokens))
+        report(figures, args, "merged, read back from the written files,")  # an error here removes tmp
+    size = (args.out / "model.safetensors").stat().st_size
+    print(f"ok; wrote {args.out}: model.safetensors ({size / 1e6:.1f} MB) and config.json")
+    return figures
+
+
+def main(argv=None):
+    """Merge, write and check; returns the check's figures (max_diff, mean_diff, same, n)."""
+    args = parse_args(argv)
+    try:
+        return merge(args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

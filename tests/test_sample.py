@@ -1,0 +1,142 @@
+"""sample.py: seeded sampling, greedy and beam search through the command line, --mr, --adapter, errors."""
+
+import pytest
+import torch
+from conftest import write_hf_gpt2
+
+import sample
+from data.e2e import prepare
+from lora import apply_lora, load_adapter, save_adapter
+from model import EOT, GPT, beam_search, get_tokenizer
+
+PROMPT = "The quick brown fox"
+MR = "name[The Vaults], eatType[pub], area[riverside]"
+
+
+def run(*argv):
+    """sample.main on these arguments (paths and numbers turned into strings); returns the output texts."""
+    return sample.main([str(a) for a in argv])
+
+
+def continuation(tokens, out):
+    """The text a row of generate's output adds after the prompt, up to <|endoftext|>."""
+    new = out[len(tokens):]
+    return get_tokenizer().decode(new[:new.index(EOT)] if EOT in new else new)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_gpt2, tmp_path_factory):
+    """An adapter trained (20 AdamW steps on random inputs) to predict ' pub' after anything, so its effect
+    is plain to see: greedy decoding with it writes ' pub pub pub ...', the base model does not."""
+    pub = get_tokenizer().encode_ordinary(" pub")
+    assert len(pub) == 1
+    torch.manual_seed(0)
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, alpha=32, targets=("q", "v"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randint(0, 50257, (8, 8), generator=g)
+        _, loss = model(x, torch.full_like(x, pub[0]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
+    save_adapter(model, path)  # its metadata names tiny_gpt2's folder as the base model
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_gpt2(tmp_path_factory):
+    """A GPT-2 of another width (n_embd 32), which the adapter does not fit."""
+    folder = tmp_path_factory.mktemp("small_gpt2")
+    write_hf_gpt2(folder, n_embd=32)
+    return folder
+
+
+def test_seeded_sampling_is_reproducible_and_is_generate_with_that_seed(tiny_gpt2):
+    argv = ["--model", tiny_gpt2, "--prompt", PROMPT, "--num_samples", 3, "--max_new_tokens", 12,
+            "--top_k", 100]
+    first = run(*argv, "--seed", 5)
+    assert len(first) == 3 and len(set(first)) == 3  # three samples, all different
+    assert run(*argv, "--seed", 5) == first
+    assert run(*argv, "--seed", 6) != first
+    # exactly model.generate with a torch.Generator seeded by --seed
+    model = GPT.from_pretrained(tiny_gpt2).eval()
+    tokens = get_tokenizer().encode_ordinary(PROMPT)
+    out = model.generate(torch.tensor([tokens] * 3), 12, top_k=100, eos_token=EOT,
+                         generator=torch.Generator().manual_seed(5))
+    assert first == [continuation(tokens, row) for row in out.tolist()]
+
+
+def test_greedy_is_generate_at_temperature_0_and_printed(tiny_gpt2, capsys):
+    texts = run("--model", tiny_gpt2, "--prompt", PROMPT, "--greedy", "--max_new_tokens", 10)
+    model = GPT.from_pretrained(tiny_gpt2).eval()
+    tokens = get_tokenizer().encode_ordinary(PROMPT)
+    out = model.generate(torch.tensor([tokens]), 10, temperature=0, eos_token=EOT)
+    assert texts == [continuation(tokens, out[0].tolist())]
+    printed = capsys.readouterr().out
+    assert printed == f"prompt: {PROMPT!r}\n--- greedy ---\n{texts[0]}\n"
+
+
+def test_prompt_from_a_file_drops_the_final_newline(tiny_gpt2, tmp_path):
+    (tmp_path / "prompt.txt").write_text(PROMPT + "\n", encoding="utf-8")
+    common = ["--model", tiny_gpt2, "--greedy", "--max_new_tokens", 8]
+    assert run(*common, "--prompt", f"FILE:{tmp_path / 'prompt.txt'}") == run(*common, "--prompt", PROMPT)
+
+
+def test_mr_feeds_the_model_the_prompt_tokens_of_training(tiny_gpt2, monkeypatch):
+    seen = []
+    original = GPT.generate
+
+    def spy(self, idx, *args, **kwargs):
+        seen.append(idx[0].tolist())
+        return original(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "generate", spy)
+    run("--model", tiny_gpt2, "--mr", MR, "--greedy", "--max_new_tokens", 4)
+    example, prompt_len = prepare.tokenize_example(get_tokenizer(), MR, "any reference")
+    assert seen == [example[:prompt_len]]  # the tokens training put before the completion: 'MR ||'
+
+
+def test_adapter_brings_its_base_model_from_its_metadata(tiny_gpt2, adapter):
+    base = run("--model", tiny_gpt2, "--prompt", PROMPT, "--greedy", "--max_new_tokens", 6)
+    adapted = run("--adapter", adapter, "--prompt", PROMPT, "--greedy", "--max_new_tokens", 6)
+    assert adapted == [" pub" * 6]  # what the adapter was trained to say, on tiny_gpt2 found by itself
+    assert base != adapted
+
+
+def test_beam_1_is_greedy_and_beam_options_reach_beam_search(tiny_gpt2, adapter):
+    common = ["--adapter", adapter, "--prompt", PROMPT, "--max_new_tokens", 8]
+    greedy = run(*common, "--greedy")
+    assert run(*common, "--beam", 1, "--no_repeat_ngram", 0) == greedy
+    # no repeated bigram: ' pub pub' may appear once, so the beam must leave the adapter's favourite path
+    beamed = run(*common, "--beam", 3, "--length_penalty", 0.7, "--no_repeat_ngram", 2)
+    model = load_adapter(GPT.from_pretrained(tiny_gpt2), adapter)
+    tokens = get_tokenizer().encode_ordinary(PROMPT)
+    best = beam_search(model.eval(), tokens, beam=3, max_new_tokens=8, length_penalty=0.7, no_repeat_ngram=2)
+    assert beamed == [get_tokenizer().decode(best)]
+    assert beamed[0].count(" pub pub") <= 1 and beamed != greedy
+
+
+ERRORS = {
+    "unknown model": (["--model", "gpt3"], "unknown model 'gpt3'"),
+    "missing adapter": (["--adapter", "{tmp}/none.safetensors"], "cannot read"),
+    "not an adapter": (["--adapter", "{tiny}/model.safetensors"], "not a lora-gpt adapter"),
+    "adapter for another model": (["--adapter", "{adapter}", "--model", "{small}"], "does not fit"),
+    "prompt too long": (["--model", "{tiny}", "--prompt", "word " * 200], "than the model's 128 positions"),
+    "adapter and merged": (["--adapter", "{adapter}", "--merged", "{tiny}"], "cannot be used together"),
+    "prompt and mr": (["--model", "{tiny}", "--prompt", "a", "--mr", MR], "cannot be used together"),
+    "missing prompt file": (["--model", "{tiny}", "--prompt", "FILE:{tmp}/no.txt"], "cannot read the prompt"),
+    "top_p above 1": (["--model", "{tiny}", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_mistakes_are_one_line_errors(case, tiny_gpt2, small_gpt2, adapter, tmp_path):
+    argv, expected = ERRORS[case]
+    where = dict(tmp=tmp_path, tiny=tiny_gpt2, small=small_gpt2, adapter=adapter)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([arg.format(**where) for arg in argv])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert expected in message
