@@ -50,7 +50,6 @@ its abbreviation list is shorter (a period stays on "st.", "etc.", "mr.", "u.s."
 are split; "½" is not rewritten as "1/2"; a combining accent (e + U+0301) is split from its letter.
 """
 
-import csv
 import math
 import re
 import shutil
@@ -412,13 +411,32 @@ def _run_meteor_jar(jar: Path, hyps: list[str], refs: list[list[str]]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# All five, and the references
+# All five
 # ---------------------------------------------------------------------------------------------------------
 
 
+# Mis-decoded characters the official scorer repairs, in this order, in every line of a CSV or TSV file it
+# reads (measure_scores.read_tsv): reference CSVs, and system outputs given as CSV/TSV. A plain text file
+# of outputs, one per line (what eval.py writes, and how the LoRA paper scored), is read as it is.
+MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
+
+
+def fix_mojibake(text: str) -> str:
+    """text with the official scorer's repairs: "Ł" and "Â£" -> "£", "Ã©" and "ã©" -> "é"."""
+    for wrong, right in MOJIBAKE:
+        text = text.replace(wrong, right)
+    return text
+
+
 def score_all(hyps: list[str], refs: list[list[str]]) -> dict[str, float | None]:
-    """The official scorer's five numbers: BLEU, NIST, METEOR (None without Java), ROUGE_L, CIDEr."""
+    """The official scorer's five numbers: BLEU, NIST, METEOR (None without Java), ROUGE_L, CIDEr.
+
+    refs are taken to come from an E2E CSV and hyps from a text file, one per line, as measure_scores.py
+    reads them: fix_mojibake is applied to the references only. (The official E2E CSVs hold none of these
+    characters, so on them it changes nothing.)
+    """
     _check_inputs(hyps, refs)
+    refs = [[fix_mojibake(r) for r in rs] for rs in refs]
     mteval_hyps = [mteval_tokenize(h) for h in hyps]
     mteval_refs = [[mteval_tokenize(r) for r in rs] for rs in refs]
     ptb_hyps = [ptb_tokenize(h) for h in hyps]
@@ -441,41 +459,3 @@ def _check_inputs(hyps, refs) -> None:
     for i, (hyp, hyp_refs) in enumerate(zip(hyps, refs, strict=True)):
         if not isinstance(hyp, str) or isinstance(hyp_refs, str) or not hyp_refs:
             raise UserError(f"item {i}: need a hypothesis string and a non-empty list of reference strings")
-
-
-# The official scorer repairs these mis-decoded characters in reference files (measure_scores.read_tsv).
-_MOJIBAKE = {"Ł": "£", "Â£": "£", "Ã©": "é", "ã©": "é"}
-
-
-def read_e2e_refs(csv_path) -> tuple[list[str], list[list[str]]]:
-    """The MRs of an E2E CSV (header mr,ref; UTF-8), each once, in order of first appearance, and their refs.
-
-    A row without exactly two non-empty fields raises UserError "path:line: ...".
-    """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such file")
-    refs_of: dict[str, list[str]] = {}  # dicts keep insertion order: MRs in order of first appearance
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig drops a byte-order mark, as the scorer
-        reader = csv.reader(f)
-        try:
-            header = next(reader, [])
-            if [field.strip().lower() for field in header] != ["mr", "ref"]:
-                raise UserError(f"{path}:1: expected the header mr,ref, found {','.join(header)!r}")
-            for row in reader:
-                if not row:
-                    continue  # a blank line
-                if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                    raise UserError(f"{path}:{reader.line_num}: expected two non-empty fields mr,ref, "
-                                    f"found {len(row)} field(s): {','.join(row)[:60]!r}")
-                mr, ref = row
-                for wrong, right in _MOJIBAKE.items():
-                    mr, ref = mr.replace(wrong, right), ref.replace(wrong, right)
-                refs_of.setdefault(mr, []).append(ref)
-        except csv.Error as error:
-            raise UserError(f"{path}:{reader.line_num}: {error}") from None
-        except UnicodeDecodeError as error:
-            raise UserError(f"{path}: not UTF-8 ({error.reason} at byte {error.start})") from None
-    if not refs_of:
-        raise UserError(f"{path}: no rows after the header")
-    return list(refs_of), list(refs_of.values())

@@ -12,6 +12,7 @@ import pytest
 
 import metrics
 from checkpoint import UserError
+from data.e2e import prepare
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "e2e"
 HAVE_SHARED = (SHARED / "devset.csv").is_file() and (SHARED / "testset_w_refs.csv").is_file()
@@ -48,11 +49,16 @@ def perturbed(text: str, i: int) -> str:
     return " ".join(words)
 
 
+def e2e_refs(csv_path) -> list[list[str]]:
+    """The references of each unique MR of an E2E CSV, in order of first appearance."""
+    return [refs for _, refs in prepare.unique_mrs(prepare.read_csv(csv_path))]
+
+
 @pytest.fixture(scope="module")
 def corpus():
     """(hyps, refs): per MR, its first reference (perturbed) as the hypothesis, the other references (1 to
     40-odd, a variable number) as the references."""
-    all_refs = metrics.read_e2e_refs(SHARED / "devset.csv")[1][:60] if HAVE_SHARED else SMALL_REFS
+    all_refs = e2e_refs(SHARED / "devset.csv")[:60] if HAVE_SHARED else SMALL_REFS
     hyps = [perturbed(refs[0], i) for i, refs in enumerate(all_refs)]
     return hyps, [refs[1:] for refs in all_refs]
 
@@ -99,7 +105,7 @@ def test_ptb_tokenize_equals_the_java_tokenizer():
     ptbtokenizer = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
     texts = [t for refs in SMALL_REFS for t in refs]
     if HAVE_SHARED:
-        texts += [t for refs in metrics.read_e2e_refs(SHARED / "devset.csv")[1] for t in refs]
+        texts += [t for refs in e2e_refs(SHARED / "devset.csv") for t in refs]
     java = ptbtokenizer.PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
     for i, text in enumerate(texts):
         assert " ".join(metrics.ptb_tokenize(text)) == java[i][0], text
@@ -270,8 +276,20 @@ def test_inputs_are_checked():
         metrics.rouge_l(["a"], [[]])
 
 
+def test_fix_mojibake_repairs_the_references_only_as_the_official_scorer(monkeypatch):
+    """measure_scores.py repairs mis-decoded £ and é in the CSV it reads the references from, not in a text
+    file of outputs."""
+    assert metrics.fix_mojibake("CafÃ© costs Â£20, cafã© Ł25, Café £30") == \
+        "Café costs £20, café £25, Café £30"
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)  # no METEOR: no Java run
+    clean = "Café Rouge near the river costs £20-25 and is family friendly."
+    broken = clean.replace("é", "Ã©").replace("£", "Â£")
+    assert metrics.score_all([clean], [[broken]])["BLEU"] == 1.0  # the reference is repaired
+    assert metrics.score_all([broken], [[clean]])["BLEU"] < 0.8  # the hypothesis is not
+
+
 # --------------------------------------------------------------------------------------------------------
-# read_e2e_refs
+# The references: prepare.read_csv + prepare.unique_mrs, the one reader of E2E CSVs
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -283,32 +301,34 @@ def write_rows(path, rows, header=("mr", "ref")):
     return path
 
 
-def test_read_e2e_refs_groups_by_mr_in_first_appearance_order(tmp_path):
+def test_e2e_csv_groups_references_by_mr_in_first_appearance_order(tmp_path):
     rows = [("name[Café Rouge], priceRange[£20-25]", "Café Rouge costs £20-25."),
             ("name[Zizzi]", 'Zizzi, a "pub".'),
             ("name[Café Rouge], priceRange[£20-25]", "At Café Rouge you pay £20-25."),
-            ("name[Aromi]", "Aromi costs Â£20.")]  # mis-decoded £, repaired as the official scorer does
-    mrs, refs = metrics.read_e2e_refs(write_rows(tmp_path / "small.csv", rows))
-    assert mrs == ["name[Café Rouge], priceRange[£20-25]", "name[Zizzi]", "name[Aromi]"]
-    assert refs == [["Café Rouge costs £20-25.", "At Café Rouge you pay £20-25."], ['Zizzi, a "pub".'],
-                    ["Aromi costs £20."]]
+            ("name[Aromi]", "Aromi costs £20.")]
+    items = prepare.unique_mrs(prepare.read_csv(write_rows(tmp_path / "small.csv", rows)))
+    assert [mr for mr, _ in items] == ["name[Café Rouge], priceRange[£20-25]", "name[Zizzi]", "name[Aromi]"]
+    assert [refs for _, refs in items] == [["Café Rouge costs £20-25.", "At Café Rouge you pay £20-25."],
+                                           ['Zizzi, a "pub".'], ["Aromi costs £20."]]
 
 
-def test_read_e2e_refs_names_the_broken_line(tmp_path):
+def test_e2e_csv_errors_name_the_broken_line(tmp_path):
     path = write_rows(tmp_path / "broken.csv", [("name[Zizzi]", "Zizzi is a pub."), ("name[Aromi]",)])
     with pytest.raises(UserError, match=r"broken\.csv:3: "):
-        metrics.read_e2e_refs(path)
+        prepare.read_csv(path)
     path = write_rows(tmp_path / "header.csv", [("name[Zizzi]", "Zizzi.")], header=("meaning", "text"))
     with pytest.raises(UserError, match=r"header\.csv:1: "):
-        metrics.read_e2e_refs(path)
+        prepare.read_csv(path)
     with pytest.raises(UserError, match="no such file"):
-        metrics.read_e2e_refs(tmp_path / "missing.csv")
+        prepare.read_csv(tmp_path / "missing.csv")
 
 
 @pytest.mark.skipif(not HAVE_SHARED, reason="needs ../shared/data/e2e")
-def test_read_e2e_refs_on_the_official_files():
-    mrs, refs = metrics.read_e2e_refs(SHARED / "devset.csv")
-    assert (len(mrs), sum(map(len, refs))) == (547, 4672)
-    mrs, refs = metrics.read_e2e_refs(SHARED / "testset_w_refs.csv")
-    assert (len(mrs), sum(map(len, refs))) == (630, 4693)
+def test_the_official_files():
+    refs = e2e_refs(SHARED / "devset.csv")
+    assert (len(refs), sum(map(len, refs))) == (547, 4672)
+    refs = e2e_refs(SHARED / "testset_w_refs.csv")
+    assert (len(refs), sum(map(len, refs))) == (630, 4693)
     assert any("£" in r for rs in refs for r in rs) and any("é" in r for rs in refs for r in rs)
+    # ... written correctly: the scorer's repairs change nothing in them
+    assert all(metrics.fix_mojibake(r) == r for rs in refs for r in rs)

@@ -1,0 +1,204 @@
+"""eval.py: its outputs are beam search's, one line per MR; its scores are metrics.score_all's; --hyp --refs
+scores any file; every mistake is one line. METEOR (a Java run of ~10 s) is replaced by a stub here; the
+real one is tested in test_metrics.py."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import E2E_DIR
+
+import eval
+import lora
+import metrics
+from data.e2e import prepare
+from model import GPT, GPTConfig, beam_search, get_tokenizer
+
+# Used when the shared data is absent: 8 MRs with 3 references each.
+NAMES = ["The Vaults", "Café Rouge", "The Mill", "Zizzi", "Aromi", "Blue Spice", "The Punter", "Alimentum"]
+TEMPLATES = ["{n} is a pub in the city centre costing £{p}.",
+             "In the city centre, {n} is a pub with prices of £{p}.",
+             "{n}, a city centre pub, costs about £{p} per person."]
+
+
+def write_csv(path, rows):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["mr", "ref"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def e2e_src(tmp_path_factory):
+    """testset_w_refs.csv (60 rows) and devset.csv (40 rows), cut from the official dev set if it is here."""
+    src = tmp_path_factory.mktemp("e2e_src")
+    if (E2E_DIR / "devset.csv").is_file():
+        rows = prepare.read_csv(E2E_DIR / "devset.csv")
+    else:
+        rows = [(f"name[{n}], eatType[pub], priceRange[£{10 + i}]", t.format(n=n, p=10 + i))
+                for i, n in enumerate(NAMES * 5) for t in TEMPLATES]
+    write_csv(src / "testset_w_refs.csv", rows[:60])
+    write_csv(src / "devset.csv", rows[60:100])
+    return src
+
+
+@pytest.fixture(scope="module")
+def e2e_data(e2e_src, tmp_path_factory):
+    data = tmp_path_factory.mktemp("e2e_data")
+    prepare.prepare(data, source=e2e_src, splits=("test", "dev"))
+    return data
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_gpt2, tmp_path_factory):
+    """An adapter for the tiny model whose B matrices are random, so that it changes the outputs."""
+    torch.manual_seed(0)
+    model = lora.apply_lora(GPT.from_pretrained(tiny_gpt2), rank=2, alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.5)
+    path = tmp_path_factory.mktemp("run") / "adapter.safetensors"
+    lora.save_adapter(model, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_meteor(monkeypatch):
+    """METEOR as without Java (None), so that no test waits for the jar."""
+    monkeypatch.setattr(metrics, "meteor", lambda hyps, refs: None)
+
+
+def table_row(output):
+    """The printed markdown row under the header and its |---| line."""
+    lines = output.splitlines()
+    header = "| model | split | MRs | val_loss | BLEU | NIST | METEOR | ROUGE-L | CIDEr |"
+    return lines[lines.index(header) + 2]
+
+
+def test_one_line_per_mr_whatever_the_text():
+    assert eval.one_line(" a\nb\r\nc\u2028d\re \n") == "a b c d e"
+
+
+def test_written_lines_read_back_with_empty_ones(tmp_path):
+    eval.write_lines(tmp_path / "p.txt", ["a b", "", "£20, café", ""])
+    assert (tmp_path / "p.txt").read_bytes() == "a b\n\n£20, café\n\n".encode()
+    assert eval.read_hyps(tmp_path / "p.txt") == ["a b", "", "£20, café", ""]
+
+
+def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_data, adapter, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["--adapter", str(adapter), "--data", str(e2e_data), "--out", str(out), "--limit", "4", "--beam",
+              "2", "--max_new_tokens", "8", "--device", "cpu"]
+    eval.main([*common, "--val_examples", "8", "--val_batch_size", "4"])
+    printed = capsys.readouterr().out
+
+    text = (out / "predictions_test.txt").read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    lines = text.split("\n")[:-1]
+    assert len(lines) == 4
+
+    # The same outputs straight from beam_search, with the paper's length penalty and 4-gram rule
+    model = lora.merge_lora(lora.load_model(adapter=adapter)).eval()
+    base = GPT.from_pretrained(tiny_gpt2).eval()
+    enc = get_tokenizer()
+    items = prepare.load_mrs(e2e_data, "test")[:4]
+    prompts = [enc.encode_ordinary(prepare.format_prompt(mr)) for mr, _ in items]
+    for line, prompt in zip(lines, prompts, strict=True):
+        tokens = beam_search(model, prompt, beam=2, max_new_tokens=8, length_penalty=0.9, no_repeat_ngram=4)
+        assert line == line.strip() and line.split() == enc.decode(tokens).split()
+    # the adapter was applied: the base model alone says something else
+    assert lines[0].split() != enc.decode(beam_search(base, prompts[0], beam=2, max_new_tokens=8)).split()
+
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 1
+    record = records[0]
+    scores = metrics.score_all(lines, [refs for _, refs in items])
+    assert record["scores"] == scores
+    loss_sum, count = prepare.summed_loss(model, prepare.load_split(e2e_data, "dev"), 4, "cpu", limit=8)
+    assert record["val_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
+    assert (record["split"], record["mrs"], record["settings"]["beam"]) == ("test", 4, 2)
+    assert record["predictions"] == str(out / "predictions_test.txt")
+    assert record["base_model"] == str(tiny_gpt2) and record["lora"].startswith("r=2 alpha=4 on q,v")
+
+    expected_row = (f"| {adapter} | test | 4 | {record['val_loss']:.4f} | {100 * scores['BLEU']:.2f} | "
+                    f"{scores['NIST']:.4f} | n/a | {100 * scores['ROUGE_L']:.2f} | {scores['CIDEr']:.4f} |")
+    assert table_row(printed) == expected_row
+    assert eval.METEOR_HINT in printed
+
+    # --split dev, without the dev loss: a second line is appended, the first stays
+    eval.main([*common, "--split", "dev", "--no_val_loss"])
+    n_dev = len(prepare.load_mrs(e2e_data, "dev")[:4])
+    assert len((out / "predictions_dev.txt").read_text(encoding="utf-8").split("\n")[:-1]) == n_dev
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 2 and records[0] == record
+    assert (records[1]["split"], records[1]["mrs"], records[1]["val_loss"]) == ("dev", n_dev, None)
+
+
+def first_refs_against_the_others(e2e_src, tmp_path):
+    """(hyps file, refs CSV, hyps, refs): each MR's first reference as its output, scored against the MR's
+    other references (MRs with a single reference are left out)."""
+    items = [(mr, refs) for mr, refs in prepare.unique_mrs(prepare.read_csv(e2e_src / "testset_w_refs.csv"))
+             if len(refs) > 1]
+    hyps, refs = [r[0] for _, r in items], [r[1:] for _, r in items]
+    refs_csv = write_csv(tmp_path / "refs.csv", [(mr, ref) for mr, r in items for ref in r[1:]])
+    hyp_file = tmp_path / "hyps.txt"
+    eval.write_lines(hyp_file, hyps)
+    return hyp_file, refs_csv, hyps, refs
+
+
+def test_hyp_and_refs_score_a_file_as_score_all(e2e_src, tmp_path, capsys, monkeypatch):
+    hyp_file, refs_csv, hyps, refs = first_refs_against_the_others(e2e_src, tmp_path)
+    scores, n_mrs = eval.score_hyp_file(hyp_file, refs_csv)
+    assert n_mrs == len(hyps) >= 4 and scores == metrics.score_all(hyps, refs)
+
+    # BLEU computed independently: sacrebleu's corpus BLEU with 13a tokenization, lowercased, which is the
+    # official BLEU when every output has 3+ tokens and every n-gram order has a match (true here).
+    sacrebleu = pytest.importorskip("sacrebleu")
+    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(max(map(len, refs)))]
+    expected = sacrebleu.corpus_bleu(hyps, streams, tokenize="13a", lowercase=True).score / 100
+    assert scores["BLEU"] == pytest.approx(expected, abs=1e-6)
+
+    monkeypatch.setattr(metrics, "meteor", lambda hyps, refs: 0.3125)  # a METEOR to print
+    eval.main(["--hyp", str(hyp_file), "--refs", str(refs_csv)])
+    printed = capsys.readouterr().out
+    assert table_row(printed) == (f"| {hyp_file} | refs.csv | {n_mrs} | - | {100 * scores['BLEU']:.2f} | "
+                                  f"{scores['NIST']:.4f} | 31.25 | {100 * scores['ROUGE_L']:.2f} | "
+                                  f"{scores['CIDEr']:.4f} |")
+    assert eval.METEOR_HINT not in printed
+
+
+def one_line_error(argv):
+    with pytest.raises(SystemExit) as err:
+        eval.main(argv)
+    message = str(err.value)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_a_wrong_line_count_names_both_numbers(e2e_src, tmp_path):
+    hyp_file, refs_csv, hyps, _ = first_refs_against_the_others(e2e_src, tmp_path)
+    eval.write_lines(hyp_file, hyps[:-1])
+    message = one_line_error(["--hyp", str(hyp_file), "--refs", str(refs_csv)])
+    assert f"has {len(hyps) - 1} lines but" in message and f"has {len(hyps)} unique MRs" in message
+
+
+def test_mistakes_are_one_line(tiny_gpt2, adapter, e2e_src, tmp_path):
+    assert "not both" in one_line_error(["--adapter", str(adapter), "--merged", str(tiny_gpt2)])
+    assert "--hyp and --refs go together" in one_line_error(["--hyp", str(tmp_path / "h.txt")])
+    assert "--hyp and --refs go together" in one_line_error(["--refs", str(e2e_src / "devset.csv")])
+    assert "takes no --model" in one_line_error(["--hyp", "h", "--refs", "r.csv", "--adapter", str(adapter)])
+    assert "no such file" in one_line_error(["--hyp", str(tmp_path / "h.txt"), "--refs",
+                                             str(e2e_src / "devset.csv")])
+    assert "at least 1" in one_line_error(["--adapter", str(adapter), "--limit", "0"])
+    assert "cannot read" in one_line_error(["--adapter", str(tmp_path / "missing.safetensors")])
+
+    # An adapter made for another model shape
+    other = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    other.name_or_path = "other"
+    lora.apply_lora(other, rank=2)
+    lora.save_adapter(other, tmp_path / "other.safetensors")
+    message = one_line_error(["--model", str(tiny_gpt2), "--adapter", str(tmp_path / "other.safetensors")])
+    assert "does not fit" in message
