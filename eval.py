@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest output, in tokens")
     p.add_argument("--limit", type=int, default=None, help="decode only the first N MRs (quick runs)")
     p.add_argument("--no_val_loss", action="store_true", help="skip the dev loss")
+    p.add_argument("--no_meteor", action="store_true", help="skip METEOR (its Java start-up takes seconds)")
     p.add_argument("--val_examples", type=int, default=None, help="dev examples for the loss (default: all)")
     p.add_argument("--val_batch_size", type=int, default=16, help="examples per forward pass of the dev loss")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
@@ -214,7 +215,7 @@ def evaluate(args):
     write_lines(predictions_path, predictions)
 
     t0 = time.perf_counter()
-    scores = metrics.score_all(predictions, [refs for _, refs in items])
+    scores = metrics.score_all(predictions, [refs for _, refs in items], with_meteor=not args.no_meteor)
     score_seconds = time.perf_counter() - t0
     print(f"decoded in {decode_seconds:.1f} s, scored in {score_seconds:.1f} s; outputs: {predictions_path}")
     print(table(name, args.split, len(items), val_loss, scores))

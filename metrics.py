@@ -428,8 +428,9 @@ def fix_mojibake(text: str) -> str:
     return text
 
 
-def score_all(hyps: list[str], refs: list[list[str]]) -> dict[str, float | None]:
-    """The official scorer's five numbers: BLEU, NIST, METEOR (None without Java), ROUGE_L, CIDEr.
+def score_all(hyps: list[str], refs: list[list[str]], with_meteor=True) -> dict[str, float | None]:
+    """The official scorer's five numbers: BLEU, NIST, METEOR (None without Java, or when with_meteor is
+    False: its Java start-up costs seconds), ROUGE_L, CIDEr.
 
     refs are taken to come from an E2E CSV and hyps from a text file, one per line, as measure_scores.py
     reads them: fix_mojibake is applied to the references only. (The official E2E CSVs hold none of these
@@ -444,7 +445,7 @@ def score_all(hyps: list[str], refs: list[list[str]]) -> dict[str, float | None]
     return {
         "BLEU": _bleu_tokens(mteval_hyps, mteval_refs),
         "NIST": _nist_tokens(mteval_hyps, mteval_refs),
-        "METEOR": meteor(hyps, refs),
+        "METEOR": meteor(hyps, refs) if with_meteor else None,
         "ROUGE_L": _rouge_l_tokens(ptb_hyps, ptb_refs),
         "CIDEr": _cider_d_tokens(ptb_hyps, ptb_refs),
     }

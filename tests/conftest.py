@@ -3,8 +3,15 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# One thread per process: the test models are tiny, and when the two cores are shared (torchrun's two
+# processes, a busy machine) OpenMP's spinning threads can make a millisecond step take a hundred times
+# longer. Set before torch is imported, so it holds for this process and for every process a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 E2E_DIR = SHARED / "data" / "e2e"

@@ -1,0 +1,172 @@
+"""The LoRA paper's sweeps, one command each: train one adapter per setting, evaluate it, write a table.
+
+    python sweep.py ranks --ranks 1 2 4 8 16 64                  # Table 18: r on Wq, Wv
+    python sweep.py targets                                      # Table 5: Wq / Wk / Wv / Wo at r=8,
+                                                                 # {Wq,Wk} / {Wq,Wv} at r=4, all four at r=2
+    python sweep.py targets --grid q:8 q,v:4 q,k,v,o:2 q,v:64    # any grid (Table 6)
+    python sweep.py ranks --ranks 1 4 -- --max_iters 200 --model gpt2   # after --: passed to train.py
+
+Every setting trains with the same seed, data and steps (train.py run by itself, so a run is exactly what
+`python train.py ...` gives), then eval.py scores it. Each run lives in its own folder under --out; a sweep
+that is stopped and started again reuses the runs that are finished. The table goes to --out/table.md and
+--out/table.csv.
+"""
+
+import argparse
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from checkpoint import UserError, atomic_write, read_safetensors_header
+from data.e2e import prepare
+
+ROOT = Path(__file__).resolve().parent
+TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
+COLUMNS = ["setting", "targets", "rank", "trainable", "val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+PERCENT = {"BLEU", "METEOR", "ROUGE_L"}  # printed x100, as the paper does
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description="Train and evaluate one LoRA adapter per rank or per target set. "
+                                "Arguments after -- go to train.py (e.g. -- --model gpt2-medium --max_iters 2000).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="sweep", required=True)
+    ranks = sub.add_parser("ranks", help="one adapter per rank on fixed targets (Table 18)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ranks.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
+    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=["q", "k", "v", "o", "mlp"])
+    targets = sub.add_parser("targets", help="one adapter per target set and rank (Tables 5 and 6)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    targets.add_argument("--grid", nargs="+", default=TABLE5, help="settings TARGETS:RANK, e.g. q,v:4")
+    for sp in (ranks, targets):
+        sp.add_argument("--out", default=None, help="folder of the runs and the table (default sweep_<kind>)")
+        sp.add_argument("--data", default=str(prepare.DATA_DIR), help="prepared E2E data, for train and eval")
+        sp.add_argument("--eval_split", default="test", choices=["test", "dev"], help="what eval.py decodes")
+        sp.add_argument("--eval_limit", type=int, default=None, help="decode only the first N MRs (quick runs)")
+        sp.add_argument("--beam", type=int, default=10, help="beam size for eval.py")
+        sp.add_argument("--no_eval", action="store_true", help="train only (the table has val_loss, no scores)")
+        sp.add_argument("--no_meteor", action="store_true", help="skip METEOR in eval.py")
+    args = p.parse_args(argv)
+    args.train_args = train_args
+    args.out = Path(args.out or f"sweep_{args.sweep}")
+    return args
+
+
+def settings(args):
+    """[(name, targets, rank)] of the sweep, in table order."""
+    if args.sweep == "ranks":
+        return [(f"r{r}", list(args.targets), r) for r in args.ranks]
+    grid = []
+    for item in args.grid:
+        targets, _, rank = item.partition(":")
+        if not rank.isdigit() or not targets:
+            raise UserError(f"--grid wants TARGETS:RANK such as q,v:4, got {item!r}")
+        grid.append((f"{targets.replace(',', '')}_r{rank}", targets.split(","), int(rank)))
+    return grid
+
+
+def run_script(script, script_args):
+    """Run one of the project's scripts in its own process, as a user would; stop the sweep if it fails."""
+    command = [sys.executable, str(ROOT / script), *script_args]
+    print("$ " + " ".join(command[1:]), flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode != 0:
+        raise UserError(f"{script} failed (its error is above); finished runs are kept, run the sweep again "
+                        "to continue")
+
+
+def last_result(run, split):
+    """The latest results.jsonl line of this run for this split, or None."""
+    path = run / "results.jsonl"
+    if not path.is_file():
+        return None
+    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in lines if line["split"] == split]
+    return lines[-1] if lines else None
+
+
+def final_val_loss(run):
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    return next((line["val_loss"] for line in reversed(lines) if "val_loss" in line), None)
+
+
+def trainable_count(adapter):
+    """The number of LoRA parameters, read from the adapter file's header."""
+    entries, _ = read_safetensors_header(adapter)
+    return sum(math.prod(entry["shape"]) for entry in entries.values())
+
+
+def sweep(args):
+    rows = []
+    for name, targets, rank in settings(args):
+        run = args.out / name
+        adapter = run / "adapter.safetensors"
+        finished = adapter.is_file() and (run / "ckpt.pt").is_file() and final_val_loss(run) is not None
+        if not finished:
+            resume = ["--resume"] if (run / "ckpt.pt").is_file() else []
+            run_script("train.py", ["--rank", str(rank), "--targets", *targets, "--out", str(run),
+                                    "--data", args.data, *resume, *args.train_args])
+        row = dict(setting=name, targets=",".join(targets), rank=rank, trainable=trainable_count(adapter),
+                   val_loss=final_val_loss(run))
+        if not args.no_eval:
+            result = last_result(run, args.eval_split)
+            same = result is not None and (result["settings"]["limit"], result["settings"]["beam"]) == \
+                (args.eval_limit, args.beam)
+            if not same:  # not evaluated yet, or with other settings
+                run_script("eval.py", ["--adapter", str(adapter), "--split", args.eval_split, "--beam",
+                                       str(args.beam), "--no_val_loss", "--data", args.data,
+                                       *(["--limit", str(args.eval_limit)] if args.eval_limit else []),
+                                       *(["--no_meteor"] if args.no_meteor else [])])
+                result = last_result(run, args.eval_split)
+            row.update(result["scores"])
+        rows.append(row)
+    write_tables(args.out, rows)
+    if args.sweep == "targets":
+        counts = {row["trainable"] for row in rows}
+        verdict = "the same for every setting" if len(counts) == 1 else "NOT the same: compare with care"
+        print(f"trainable parameters: {verdict} ({', '.join(f'{c:,}' for c in sorted(counts))})")
+    return rows
+
+
+def cell(column, value):
+    if value is None:
+        return "n/a"
+    if column in PERCENT:
+        return f"{100 * value:.2f}"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def write_tables(out, rows):
+    """table.md (printed too) and table.csv (full precision, the scorer's units)."""
+    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    markdown = header + "".join("| " + " | ".join(cell(c, row.get(c)) for c in COLUMNS) + " |\n" for row in rows)
+    markdown += "\nBLEU, METEOR and ROUGE_L x100 as in the paper; val_loss is the mean dev loss per token.\n"
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(out / "table.md") as f:
+        f.write(markdown.encode())
+    with atomic_write(out / "table.csv") as f:
+        f.write(buffer.getvalue().encode())
+    print(markdown + f"written to {out / 'table.md'} and {out / 'table.csv'}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return sweep(args)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
