@@ -340,6 +340,111 @@ def _read_config(config_file, tensors, name_or_path, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Beam search: how the LoRA paper decoded E2E (beam 10, a length penalty, no repeated 4-grams). It follows
+# Hugging Face transformers' generate(num_beams=..., early_stopping=False) rule for rule, so the two give the
+# same tokens; the rules are spelled out in the docstring because each one changes which text comes out.
+
+@torch.no_grad()
+def beam_search(model, prompt, beam=10, max_new_tokens=64, length_penalty=0.9, no_repeat_ngram=4,
+                eos_token=EOT, use_cache=True):
+    """The best continuation of one prompt (a list of token ids or a 1-D tensor), as a list of new token
+    ids without the final eos_token.
+
+    A hypothesis scores  sum of log p(token | all tokens before it) / length ** length_penalty,  where the
+    sum and the length run over its new tokens only (its eos included, the prompt not). The search:
+      - keeps `beam` live hypotheses. Each step extends every one of them by every token and ranks these
+        candidates by summed log-probability (not yet divided by the length); the best 2 * beam are kept.
+      - a candidate that ends in eos_token is finished if it ranks among the first `beam` (one ranked lower
+        is dropped): it is stored with its score, and only the best `beam` finished ones are kept. The best
+        `beam` candidates that do not end become the live hypotheses of the next step. (Why 2 * beam: each
+        hypothesis gives at most one eos candidate, so at least `beam` candidates are left to go on.)
+      - no_repeat_ngram = n > 0: a token that would make an n-gram already present in the hypothesis,
+        prompt included, gets log-probability -inf (after the softmax, so the others are not renormalized).
+      - it stops after max_new_tokens (then the best `beam` candidates all count as finished), or as soon as
+        `beam` hypotheses are finished and the best live one, divided by its current length ** length_penalty,
+        scores no better than the worst finished one (a heuristic: it assumes growing would not help).
+    The answer is the best-scoring finished hypothesis. max_new_tokens is capped at block_size - len(prompt).
+    With use_cache=False every step runs the whole sequences again (the slow, obvious way, for checking).
+    """
+    prompt = [int(token) for token in prompt]
+    block_size = model.config.block_size
+    if not 0 < len(prompt) < block_size:
+        raise UserError(f"the prompt has {len(prompt)} tokens; beam search needs 1 to {block_size - 1} "
+                        f"(the model's block_size is {block_size})")
+    if beam < 1:
+        raise ValueError(f"beam must be at least 1, got {beam}")
+    max_new_tokens = min(max_new_tokens, block_size - len(prompt))
+    device = model.transformer.wte.weight.device
+    cache = model.new_cache(1, len(prompt) + max_new_tokens) if use_cache else None
+
+    hypotheses = [prompt] * beam  # the live sequences, prompt included (the n-gram rule reads the prompt too)
+    # Every hypothesis starts as the same prompt. Only the first copy starts at score 0, the others at -1e9, so
+    # the first step takes its candidates from one copy instead of picking each token `beam` times.
+    scores = torch.full((beam,), -1e9, device=device)
+    scores[0] = 0.0
+    finished = []  # (score, new tokens), best first, at most `beam` of them
+    step_input = torch.tensor([prompt], device=device)  # first step: the prompt, run once (batch 1)
+    for step in range(max_new_tokens):
+        logits = model.lm_head(model.hidden(step_input, cache)[:, -1, :]).float()  # the last position only
+        if step == 0:  # every beam continues the same prompt: share its logits, copy its past to each beam
+            logits = logits.expand(beam, -1)
+            if cache is not None:
+                cache.reorder(torch.zeros(beam, dtype=torch.long, device=device))
+        log_probs = F.log_softmax(logits, dim=-1)
+        if no_repeat_ngram > 0:
+            banned = repeated_ngram_mask(hypotheses, no_repeat_ngram, log_probs.size(-1)).to(device)
+            log_probs = log_probs.masked_fill(banned, float("-inf"))
+
+        # Candidate (hypothesis b, token t) sits at b * vocab + t; keep the 2 * beam best, best first.
+        vocab = log_probs.size(-1)
+        top_scores, top_index = (scores[:, None] + log_probs).view(-1).topk(2 * beam)
+        parents, tokens = (top_index // vocab).tolist(), (top_index % vocab).tolist()
+        length = step + 1  # new tokens in every candidate
+        last_step = step == max_new_tokens - 1
+        ends = [last_step or token == eos_token for token in tokens]
+        normalized = (top_scores / length**length_penalty).tolist()
+        for rank in range(beam):  # only the top `beam` candidates may finish
+            if ends[rank]:
+                finished.append((normalized[rank], hypotheses[parents[rank]][len(prompt):] + [tokens[rank]]))
+        finished = sorted(finished, key=lambda f: -f[0])[:beam]  # stable: among equal scores the older stays
+        if last_step:
+            break
+
+        keep = [rank for rank in range(2 * beam) if not ends[rank]][:beam]
+        hypotheses = [hypotheses[parents[rank]] + [tokens[rank]] for rank in keep]
+        scores = top_scores[keep]
+        best_live = (scores[0] / length**length_penalty).item()
+        if len(finished) == beam and best_live <= finished[-1][0]:
+            break  # the heuristic: no live hypothesis is expected to beat the finished ones
+
+        if cache is not None:  # each kept hypothesis takes its parent's past, then runs only its new token
+            cache.reorder(torch.tensor([parents[rank] for rank in keep], device=device))
+            step_input = torch.tensor([[h[-1]] for h in hypotheses], device=device)
+        else:
+            step_input = torch.tensor(hypotheses, device=device)
+
+    best = finished[0][1]
+    return best[:-1] if eos_token is not None and best[-1] == eos_token else best
+
+
+def repeated_ngram_mask(sequences, n, vocab_size):
+    """(len(sequences), vocab_size) bool: True where the token would repeat an n-gram of its sequence.
+
+    The next token completes the n-gram (last n-1 tokens, token); so every earlier n-gram whose first n-1
+    tokens equal the sequence's last n-1 tokens bans its own last token. (n = 1 bans every token seen.)
+    """
+    banned = torch.zeros(len(sequences), vocab_size, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        if len(seq) < n:
+            continue  # no complete n-gram yet
+        suffix = seq[len(seq) - n + 1:]
+        for start in range(len(seq) - n + 1):
+            if seq[start:start + n - 1] == suffix:
+                banned[row, seq[start + n - 1]] = True
+    return banned
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The tokenizer and the device: one of each, used the same way by every script.
 
 @functools.cache
