@@ -249,5 +249,7 @@ def load_model(model=None, adapter=None, merged=None):
         return GPT.from_pretrained(merged)
     if adapter is not None:
         base = model if model is not None else lora_config(adapter)["base_model"]
+        if base in ("", "None"):
+            raise UserError(f"{adapter} does not name its base model; say which with --model")
         return load_adapter(GPT.from_pretrained(base), adapter)
     return GPT.from_pretrained(model if model is not None else "gpt2")

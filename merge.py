@@ -207,13 +207,11 @@ def report(figures, args, what):
 def merge(args):
     """Load base + adapter, record the unmerged outputs, merge, write (unless --check-only) and check."""
     check_options(args)
-    config = lora.lora_config(args.adapter)
-    base = args.model or config["base_model"]  # the adapter records its base model; --model wins
     device = pick_device(args.device)
     if device.startswith("mps"):
         device = "cpu"  # the check needs float64, which mps lacks
-    model = GPT.from_pretrained(base)
-    lora.load_adapter(model, args.adapter)
+    model = lora.load_model(model=args.model, adapter=args.adapter)  # the adapter names its base; --model wins
+    config, base = model.lora_config, model.name_or_path
     model.to(device).eval()
     print(f"{base} + adapter {args.adapter} ({lora.describe(config)}), on {device}")
     if args.check_tokens >= model.config.block_size:

@@ -21,9 +21,8 @@ import torch
 import lora
 from checkpoint import UserError
 from data.e2e import prepare
-from model import EOT, GPT, beam_search, get_tokenizer, pick_device, pick_dtype
+from model import EOT, beam_search, get_tokenizer, pick_device, pick_dtype
 
-DEFAULT_MODEL = "gpt2"
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 FILE_PREFIX = "FILE:"  # --prompt FILE:path reads the prompt from a file
 
@@ -34,8 +33,8 @@ def parse_args(argv=None):
         "checkpoint (--merged). Samples are printed to stdout; generation stops at <|endoftext|>.")
     what = parser.add_argument_group("what to sample from")
     what.add_argument("--model", default=None,
-                      help=f"gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or .safetensors file "
-                      f"(default: {DEFAULT_MODEL}; with --adapter, the base model named in the adapter file)")
+                      help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or .safetensors file "
+                      "(default: gpt2; with --adapter, the base model named in the adapter file)")
     what.add_argument("--adapter", type=Path, default=None,
                       help="a LoRA adapter file (from train.py) to add to the model (default: none)")
     what.add_argument("--merged", type=Path, default=None,
@@ -105,19 +104,13 @@ def check_options(args):
         raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
 
 
-def load_model(args):
-    """The model to sample from: a base model, a base model plus an adapter, or a merged checkpoint."""
+def describe_model(args, model):
+    """What is being sampled from, for the first line of output."""
     if args.merged is not None:
-        return GPT.from_pretrained(args.merged), f"merged checkpoint {args.merged}"
-    if args.adapter is None:
-        name = args.model or DEFAULT_MODEL
-        return GPT.from_pretrained(name), name
-    # The adapter file records the model it was trained on; an explicit --model wins (e.g. a local copy).
-    config = lora.lora_config(args.adapter)
-    base = args.model or config["base_model"]
-    model = GPT.from_pretrained(base)
-    lora.load_adapter(model, args.adapter)
-    return model, f"{base} + adapter {args.adapter} ({lora.describe(config)})"
+        return f"merged checkpoint {args.merged}"
+    if args.adapter is not None:
+        return f"{model.name_or_path} + adapter {args.adapter} ({lora.describe(model.lora_config)})"
+    return model.name_or_path
 
 
 def read_prompt(args):
@@ -182,7 +175,8 @@ def main(argv=None):
     try:
         check_options(args)
         text = read_prompt(args)
-        model, description = load_model(args)
+        model = lora.load_model(model=args.model, adapter=args.adapter, merged=args.merged)
+        description = describe_model(args, model)
         device = pick_device(args.device)
         dtype = pick_dtype(args.dtype, device)
         model.to(device=device, dtype=dtype).eval()
