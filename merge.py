@@ -29,7 +29,7 @@ import torch
 import lora
 from checkpoint import UserError, atomic_dir, save_safetensors
 from data.e2e import prepare
-from model import CONV1D_WEIGHTS, EOT, GPT, get_tokenizer, pick_device
+from model import EOT, GPT, get_tokenizer, hf_config, hf_state_dict, pick_device
 
 # The check's prompts when no prepared E2E dev MRs are found in --data: E2E-style prompts and plain text.
 FALLBACK_TEXTS = [
@@ -94,55 +94,14 @@ def check_options(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writing: the inverse of GPT.from_pretrained's loading.
-
-def hf_state_dict(model):
-    """The merged model's weights as Hugging Face stores GPT-2: 'transformer.'-prefixed names, the four
-    Conv1D weights transposed back to (in, out), no LoRA tensors, and no lm_head (tied to wte)."""
-    if not all(layer.merged for layer in lora.lora_layers(model)):
-        raise ValueError("merge the LoRA layers first: until then the weights are the base model's")
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if ".lora." in name or name == "lm_head.weight":
-            continue  # the updates are inside the weights now; the head is wte, tied again on loading
-        if name.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()  # nn.Linear's (out, in) -> OpenAI's Conv1D (in, out)
-        tensors[name] = tensor
-    return tensors
-
-
-def hf_config(config):
-    """A config.json that transformers reads as GPT2LMHeadModel (and GPT.from_pretrained reads too)."""
-    if not config.bias:
-        raise UserError("GPT-2 checkpoints always have biases; this model has none")
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,  # the old name of n_positions, still read by some tools
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,  # None means 4 * n_embd
-        "activation_function": "gelu_new",  # the tanh approximation of GELU that GPT-2 was trained with
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.1,  # OpenAI's training dropout, as in the released configs; off at inference
-        "embd_pdrop": 0.1,
-        "attn_pdrop": 0.1,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "bos_token_id": EOT,
-        "eos_token_id": EOT,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "dtype": "float32",
-    }
-
+# Writing
 
 def write_checkpoint(model, folder, metadata):
     """model.safetensors and config.json of the merged model into folder."""
-    save_safetensors(hf_state_dict(model), Path(folder) / "model.safetensors", {"format": "pt", **metadata})
+    if not all(layer.merged for layer in lora.lora_layers(model)):
+        raise ValueError("merge the LoRA layers first: until then the weights are the base model's")
+    gpt2_weights = {name: t for name, t in model.state_dict().items() if ".lora." not in name}  # in W now
+    save_safetensors(hf_state_dict(gpt2_weights), Path(folder) / "model.safetensors", {"format": "pt", **metadata})
     (Path(folder) / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
 
 

@@ -268,7 +268,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading: from a name or a path to our parameter names.
+# Loading and writing: between our parameter names and the OpenAI / Hugging Face layout.
 
 # OpenAI's code stored these four weights as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -337,6 +337,47 @@ def _read_config(config_file, tensors, name_or_path, path):
         if wte is not None and tuple(wte.shape) == (50257, shape["n_embd"]) and n_layer == shape["n_layer"]:
             return GPTConfig(**shape)
     raise UserError(f"{path}: no config.json beside it and its shapes are none of {', '.join(PRETRAINED)}")
+
+
+
+def hf_state_dict(state_dict):
+    """GPT-2 weights as OpenAI / Hugging Face store them, the inverse of loading: the four Conv1D weights
+    transposed back to (in, out), and no lm_head (tied to wte, tied again on loading)."""
+    tensors = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight":
+            continue
+        tensors[name] = tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+    return tensors
+
+
+def hf_config(config):
+    """A config.json that transformers reads as GPT2LMHeadModel (and GPT.from_pretrained reads too)."""
+    if not config.bias:
+        raise UserError("GPT-2 checkpoints always have biases; this model has none")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the old name of n_positions, still read by some tools
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation of GELU that GPT-2 was trained with
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.1,  # OpenAI's training dropout, as in the released configs; off at inference
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.1,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from conftest import write_hf_gpt2
 import lora
 import merge
 import sample
-from checkpoint import load_safetensors, read_safetensors_header
+from checkpoint import read_safetensors_header
 from data.e2e import prepare
 from lora import apply_lora, load_adapter, save_adapter
 from model import GPT
@@ -113,13 +113,6 @@ def test_sample_from_merged_equals_sample_with_adapter(merged, adapter):
     out, _, _ = merged
     common = ["--prompt", "The Eagle is a", "--greedy", "--max_new_tokens", "12"]
     assert sample.main(["--merged", str(out), *common]) == sample.main(["--adapter", str(adapter), *common])
-
-
-def test_hf_state_dict_of_a_loaded_model_is_the_file_it_came_from(tiny_gpt2):
-    theirs, _ = load_safetensors(tiny_gpt2 / "model.safetensors")
-    ours = merge.hf_state_dict(GPT.from_pretrained(tiny_gpt2))
-    assert set(ours) == set(theirs)
-    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)  # bit for bit: the exact inverse
 
 
 def test_check_only_writes_nothing(adapter, tmp_path, capsys):

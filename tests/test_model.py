@@ -7,7 +7,7 @@ import torch
 from conftest import write_hf_gpt2
 
 from checkpoint import UserError
-from model import EOT, GPT, PRETRAINED, get_tokenizer
+from model import EOT, GPT, PRETRAINED, get_tokenizer, hf_state_dict
 
 SHAPES = [
     dict(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=128),  # the real vocabulary
@@ -157,3 +157,13 @@ def test_tokenizer():
     assert enc.eot_token == EOT
     text = "name[Café Rouge], priceRange[£20-25] — naïve 日本語 🙂"
     assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_hf_state_dict_is_the_exact_inverse_of_loading(tiny_gpt2):
+    """Our weights written back in the Hugging Face layout are the file they came from, bit for bit."""
+    from checkpoint import load_safetensors
+
+    theirs, _ = load_safetensors(tiny_gpt2 / "model.safetensors")
+    ours = hf_state_dict(GPT.from_pretrained(tiny_gpt2).state_dict())
+    assert set(ours) == set(theirs)
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
