@@ -190,6 +190,17 @@ class GPT(nn.Module):
                                    ignore_index=-1, label_smoothing=label_smoothing, reduction=reduction)
         return logits, loss
 
+    def loss(self, idx, targets, label_smoothing=0.0, reduction="mean"):
+        """The training loss alone: forward's loss, with the head run only where a target is not -1.
+
+        The head (n_embd x vocab) is GPT-2 small's largest matmul, and its softmax spans 50,257 tokens; on E2E
+        the MR prompt and the padding, whose targets are -1, are about half the positions.
+        """
+        hidden = self.hidden(idx)
+        keep = targets != -1
+        logits = self.lm_head(hidden[keep])  # (number of targets, vocab)
+        return F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing, reduction=reduction)
+
     def new_cache(self, batch_size, max_len):
         p = self.transformer.wte.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)

@@ -205,7 +205,7 @@ def train(args):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log = read_log(out / "log.jsonl", start)
 
-    forward_model = torch.compile(model) if args.compile else model
+    loss_fn = torch.compile(model.loss) if args.compile else model.loss
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     if run.main:
@@ -218,7 +218,7 @@ def train(args):
                   f"never reaches --lr; pass a smaller --warmup for short runs")
 
     def evaluate():
-        loss_sum, count = prepare.summed_loss(forward_model, dev_split, args.batch_size, device,
+        loss_sum, count = prepare.summed_loss(model, dev_split, args.batch_size, device,
                                               limit=args.eval_examples, rank=run.rank,
                                               world_size=run.world_size, autocast=autocast)
         loss_sum, count = run.sum(loss_sum, count)
@@ -254,8 +254,7 @@ def train(args):
                     continue
                 x, y = prepare.make_batch(train_split, piece)
                 with autocast:
-                    _, loss = forward_model(x.to(device), y.to(device), label_smoothing=args.label_smoothing,
-                                            reduction="sum")
+                    loss = loss_fn(x.to(device), y.to(device), label_smoothing=args.label_smoothing, reduction="sum")
                 scaler.scale(loss / n_targets).backward()
                 loss_sum += loss.item()
             loss = run.sum(loss_sum)[0] / n_targets

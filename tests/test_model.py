@@ -109,6 +109,23 @@ def test_loss_is_mean_cross_entropy_over_unmasked_targets(tiny_gpt2):
     assert keep.sum() == 7 + 9 and abs(loss.item() - expected.item()) < 1e-5
 
 
+def test_training_loss_equals_forward_loss_and_its_gradient(tiny_gpt2):
+    """model.loss runs the head only where a target is; value and gradient equal forward's."""
+    model = GPT.from_pretrained(tiny_gpt2)
+    g = torch.Generator().manual_seed(7)
+    idx = torch.randint(0, 50257, (3, 10), generator=g)
+    targets = torch.randint(0, 50257, (3, 10), generator=g)
+    targets[:, :4] = -1
+    targets[2, 7:] = -1
+    for reduction in ("mean", "sum"):
+        _, full = model(idx, targets, label_smoothing=0.1, reduction=reduction)
+        (grad_full,) = torch.autograd.grad(full, model.transformer.h[0].attn.c_attn.weight)
+        fast = model.loss(idx, targets, label_smoothing=0.1, reduction=reduction)
+        (grad_fast,) = torch.autograd.grad(fast, model.transformer.h[0].attn.c_attn.weight)
+        assert abs(fast.item() - full.item()) <= 1e-5 * abs(full.item())
+        assert (grad_fast - grad_full).abs().max().item() <= 1e-6 * max(1.0, grad_full.abs().max().item())
+
+
 def test_cache_in_chunks_equals_one_pass(tiny_gpt2):
     """Feeding 7 + 5 + 1 tokens through the KV cache gives the logits of one 13-token pass."""
     model = GPT.from_pretrained(tiny_gpt2).eval()

@@ -305,7 +305,7 @@ def summed_loss(model, split: Split, batch_size: int, device, limit=None, rank=0
     for indices in batches[rank::world_size]:
         x, y = make_batch(split, indices)
         with autocast if autocast is not None else contextlib.nullcontext():
-            _, loss = model(x.to(device), y.to(device), reduction="sum")
+            loss = model.loss(x.to(device), y.to(device), reduction="sum")
         loss_sum += loss.item()
         count += target_count(split, indices)
     model.train(was_training)
