@@ -47,3 +47,24 @@ def tiny_gpt2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_gpt2")
     write_hf_gpt2(folder)
     return folder
+
+
+def train_tiny_adapter(base, path, targets=("q", "v"), steps=10, seq_len=8, label=None):
+    """Train a rank-4 adapter on base for `steps` AdamW steps (lr 1e-2) on random tokens, to predict the next
+    token, or always the token `label`; save it to path and return path."""
+    from lora import apply_lora, save_adapter
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = apply_lora(GPT.from_pretrained(base), rank=4, alpha=32, targets=targets)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randint(0, 50257, (8, seq_len + 1), generator=g)
+        targets_ = x[:, 1:] if label is None else torch.full_like(x[:, 1:], label)
+        _, loss = model(x[:, :-1], targets_)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_adapter(model, path)  # its metadata names base as the base model
+    return path

@@ -7,14 +7,14 @@ import io
 
 import pytest
 import torch
-from conftest import write_hf_gpt2
+from conftest import train_tiny_adapter, write_hf_gpt2
 
 import lora
 import merge
 import sample
 from checkpoint import read_safetensors_header
 from data.e2e import prepare
-from lora import apply_lora, load_adapter, save_adapter
+from lora import load_adapter
 from model import GPT
 
 MRS = [
@@ -28,19 +28,8 @@ MRS = [
 def adapter(tiny_gpt2, tmp_path_factory):
     """An adapter on all of q, k, v, o and the MLP (so all four Conv1D weights change), trained 10 AdamW steps
     on random tokens."""
-    torch.manual_seed(0)
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, alpha=32, targets=("q", "k", "v", "o", "mlp"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        x = torch.randint(0, 50257, (8, 9), generator=g)
-        _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
-    save_adapter(model, path)  # its metadata names tiny_gpt2's folder as the base model
-    return path
+    return train_tiny_adapter(tiny_gpt2, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
+                              targets=("q", "k", "v", "o", "mlp"), steps=10)
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from conftest import write_hf_gpt2
+from conftest import train_tiny_adapter, write_hf_gpt2
 
 import sample
 from data.e2e import prepare
-from lora import apply_lora, load_adapter, save_adapter
+from lora import load_adapter
 from model import EOT, GPT, beam_search, get_tokenizer
 
 PROMPT = "The quick brown fox"
@@ -30,19 +30,8 @@ def adapter(tiny_gpt2, tmp_path_factory):
     is plain to see: greedy decoding with it writes ' pub pub pub ...', the base model does not."""
     pub = get_tokenizer().encode_ordinary(" pub")
     assert len(pub) == 1
-    torch.manual_seed(0)
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, alpha=32, targets=("q", "v"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        x = torch.randint(0, 50257, (8, 8), generator=g)
-        _, loss = model(x, torch.full_like(x, pub[0]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    path = tmp_path_factory.mktemp("adapter") / "adapter.safetensors"
-    save_adapter(model, path)  # its metadata names tiny_gpt2's folder as the base model
-    return path
+    return train_tiny_adapter(tiny_gpt2, tmp_path_factory.mktemp("adapter") / "adapter.safetensors",
+                              targets=("q", "v"), steps=20, label=pub[0])
 
 
 @pytest.fixture(scope="module")
