@@ -238,7 +238,8 @@ class GPT(nn.Module):
         tensors = _to_our_names(tensors)
         config = _read_config(config_file, tensors, str(name_or_path), path)
         config.dropout = dropout
-        model = cls(config)
+        with torch.device("meta"):  # shapes only: the random init would be thrown away (and for gpt2-xl, slow)
+            model = cls(config)
         ours = model.state_dict()
         ours.pop("lm_head.weight")  # tied to wte
         missing = sorted(set(ours) - set(tensors))
@@ -250,7 +251,8 @@ class GPT(nn.Module):
             if tensor.shape != ours[name].shape:
                 raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
                                 f"expected {tuple(ours[name].shape)}")
-        model.load_state_dict({**tensors, "lm_head.weight": tensors["transformer.wte.weight"]})
+        model.load_state_dict({**tensors, "lm_head.weight": tensors["transformer.wte.weight"]}, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight  # tie again: assign made them two parameters
         model.name_or_path = str(name_or_path)
         return model
 

@@ -26,6 +26,8 @@ def test_logits_match_transformers(tmp_path, shape):
     hf = write_hf_gpt2(tmp_path, seed=1, **shape)
     model = GPT.from_pretrained(tmp_path).eval()
     assert model.config.n_head == shape["n_head"] and model.config.block_size == shape["n_positions"]
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied: one matrix, counted once
+    assert model.num_params() == hf.num_parameters()
     idx = torch.randint(0, shape["vocab_size"], (3, shape["n_positions"]), generator=torch.Generator().manual_seed(0))
     assert max_logit_diff(model, hf, idx) <= 1e-5
 
