@@ -186,3 +186,27 @@ def test_hf_state_dict_is_the_exact_inverse_of_loading(tiny_gpt2):
     ours = hf_state_dict(GPT.from_pretrained(tiny_gpt2).state_dict())
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+@pytest.mark.parametrize("rows", [1, 8, 20])
+@pytest.mark.parametrize("out_features", [12, 7])
+def test_cpu_linear_for_few_rows_equals_f_linear(rows, out_features):
+    """model.linear splits W's rows across threads for one-token steps; it must give F.linear's numbers
+    (with 2 threads, so that the split path runs; 20 rows take the plain path)."""
+    import torch.nn.functional as F
+
+    from model import linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, 1, 16, generator=g), torch.randn(out_features, 16, generator=g)
+    b = torch.randn(out_features, generator=g)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            for bias in (b, None):
+                ours, theirs = linear(x, w, bias), F.linear(x, w, bias)
+                assert ours.shape == theirs.shape == (rows, 1, out_features)
+                assert (ours - theirs).abs().max().item() <= 1e-5
+    finally:
+        torch.set_num_threads(threads)
