@@ -72,7 +72,10 @@ class LoRALinear(nn.Module):
         for name, update in self.lora.items():
             start, end = self.slices[name]
             # (alpha / r) B (A x): two thin matmuls, never the full out x in matrix B A
-            h[..., start:end] += self.scale * F.linear(F.linear(x, update.lora_A), update.lora_B)
+            delta = self.scale * F.linear(F.linear(x, update.lora_A), update.lora_B)
+            # h with outputs [start, end) moved by delta (out of place: h may be a view of the frozen path's
+            # result, which autograd does not let us change in place)
+            h = h.slice_scatter(h[..., start:end] + delta, dim=-1, start=start, end=end)
         return h
 
     @torch.no_grad()

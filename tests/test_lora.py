@@ -45,9 +45,12 @@ def test_adapted_model_equals_base_before_training(tiny_gpt2):
     assert torch.equal(before, after)  # B = 0, so B A x adds exactly zero
 
 
-def test_only_lora_parameters_learn_and_base_stays_bit_identical(tiny_gpt2):
+@pytest.mark.parametrize("targets", [("q", "v", "o"), ("o",), ("mlp",), ("k",)])
+def test_only_lora_parameters_learn_and_base_stays_bit_identical(tiny_gpt2, targets):
+    """Also with a single target: then the first adapted layer's input needs no gradient, and its frozen
+    output must still take the update (an in-place add there is refused by autograd)."""
     torch.manual_seed(0)
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, targets=("q", "v", "o"), dropout=0.1)
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, targets=targets, dropout=0.1)
     base = {n: p.clone() for n, p in model.state_dict().items() if ".lora." not in n}
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
