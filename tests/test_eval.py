@@ -15,6 +15,8 @@ import metrics
 from data.e2e import prepare
 from model import GPT, GPTConfig, beam_search, get_tokenizer
 
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+
 # Used when the shared data is absent: 8 MRs with 3 references each.
 NAMES = ["The Vaults", "Café Rouge", "The Mill", "Zizzi", "Aromi", "Blue Spice", "The Punter", "Alimentum"]
 TEMPLATES = ["{n} is a pub in the city centre costing £{p}.",

@@ -17,6 +17,8 @@ from data.e2e import prepare
 from lora import load_adapter
 from model import GPT
 
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+
 MRS = [
     ("name[The Eagle], eatType[pub], near[Burger King]", "The Eagle is a pub near Burger King."),
     ("name[Zizzi], area[riverside]", "Zizzi is by the river."),

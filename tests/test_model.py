@@ -170,6 +170,7 @@ def test_eos_stops_generation_and_pads(tiny_gpt2):
     assert out.shape == (1, 4) and out[0, -1].item() == first
 
 
+@pytest.mark.tokenizer
 def test_tokenizer():
     enc = get_tokenizer()
     assert enc.encode_ordinary("\n\n") == [628]

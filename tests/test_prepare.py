@@ -16,6 +16,8 @@ from checkpoint import UserError
 from data.e2e import prepare
 from model import EOT, get_tokenizer
 
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "e2e"
 HAVE_SHARED = (SHARED / "devset.csv").is_file() and (SHARED / "testset_w_refs.csv").is_file()
 

@@ -9,6 +9,8 @@ from data.e2e import prepare
 from lora import load_adapter
 from model import EOT, GPT, beam_search, get_tokenizer
 
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+
 PROMPT = "The quick brown fox"
 MR = "name[The Vaults], eatType[pub], area[riverside]"
 

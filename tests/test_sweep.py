@@ -3,9 +3,12 @@ fixed budget gives equal trainable counts."""
 
 import csv
 
+import pytest
 from test_train import e2e_small  # noqa: F401  (the prepared-data fixture)
 
 import sweep
+
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
 
 def train_args(tiny_gpt2):

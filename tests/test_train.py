@@ -15,6 +15,8 @@ from data.e2e import prepare
 from lora import lora_state_dict
 from model import GPT
 
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
