@@ -91,3 +91,49 @@ def train_tiny_adapter(base, path, targets=("q", "v"), steps=10, seq_len=8, labe
         opt.zero_grad()
     save_adapter(model, path)  # its metadata names base as the base model
     return path
+
+
+# A small E2E folder, shared by the tests of train, eval and sweep. The training set cannot be had here, so
+# slices of the official dev set stand in for all three splits; without the shared data, hand-made rows
+# (three references per MR, £ and é included) do.
+SMALL_SPLITS = {"trainset.csv": (0, 240), "devset.csv": (240, 304), "testset_w_refs.csv": (304, 364)}
+NAMES = ["The Vaults", "Café Rouge", "The Mill", "Zizzi", "Aromi", "Blue Spice", "The Punter", "Alimentum"]
+TEMPLATES = ["{n} is a pub in the city centre costing £{p}.",
+             "In the city centre, {n} is a pub with prices of £{p}.",
+             "{n}, a city centre pub, costs about £{p} per person."]
+
+
+def write_e2e_csv(path, rows):
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["mr", "ref"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def e2e_src(tmp_path_factory):
+    """A folder with trainset.csv (240 rows), devset.csv (64) and testset_w_refs.csv (60)."""
+    from data.e2e import prepare
+
+    src = tmp_path_factory.mktemp("e2e_src")
+    if (E2E_DIR / "devset.csv").is_file():
+        rows = prepare.read_csv(E2E_DIR / "devset.csv")
+    else:
+        rows = [(f"name[{n}], eatType[pub], priceRange[£{10 + i}]", t.format(n=n, p=10 + i))
+                for i, n in enumerate(NAMES * 16) for t in TEMPLATES]
+    for name, (start, end) in SMALL_SPLITS.items():
+        write_e2e_csv(src / name, rows[start:end])
+    return src
+
+
+@pytest.fixture(scope="session")
+def e2e_small(e2e_src, tmp_path_factory):
+    """e2e_src prepared by prepare.py: the --data folder of train.py, eval.py and sweep.py."""
+    from data.e2e import prepare
+
+    data = tmp_path_factory.mktemp("e2e_data")
+    prepare.prepare(data, source=e2e_src)
+    return data

@@ -2,12 +2,11 @@
 scores any file; every mistake is one line. METEOR (a Java run of ~10 s) is replaced by a stub here; the
 real one is tested in test_metrics.py."""
 
-import csv
 import json
 
 import pytest
 import torch
-from conftest import E2E_DIR
+from conftest import write_e2e_csv
 
 import eval
 import lora
@@ -16,42 +15,6 @@ from data.e2e import prepare
 from model import GPT, GPTConfig, beam_search, get_tokenizer
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
-
-# Used when the shared data is absent: 8 MRs with 3 references each.
-NAMES = ["The Vaults", "Café Rouge", "The Mill", "Zizzi", "Aromi", "Blue Spice", "The Punter", "Alimentum"]
-TEMPLATES = ["{n} is a pub in the city centre costing £{p}.",
-             "In the city centre, {n} is a pub with prices of £{p}.",
-             "{n}, a city centre pub, costs about £{p} per person."]
-
-
-def write_csv(path, rows):
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["mr", "ref"])
-        writer.writerows(rows)
-    return path
-
-
-@pytest.fixture(scope="module")
-def e2e_src(tmp_path_factory):
-    """testset_w_refs.csv (60 rows) and devset.csv (40 rows), cut from the official dev set if it is here."""
-    src = tmp_path_factory.mktemp("e2e_src")
-    if (E2E_DIR / "devset.csv").is_file():
-        rows = prepare.read_csv(E2E_DIR / "devset.csv")
-    else:
-        rows = [(f"name[{n}], eatType[pub], priceRange[£{10 + i}]", t.format(n=n, p=10 + i))
-                for i, n in enumerate(NAMES * 5) for t in TEMPLATES]
-    write_csv(src / "testset_w_refs.csv", rows[:60])
-    write_csv(src / "devset.csv", rows[60:100])
-    return src
-
-
-@pytest.fixture(scope="module")
-def e2e_data(e2e_src, tmp_path_factory):
-    data = tmp_path_factory.mktemp("e2e_data")
-    prepare.prepare(data, source=e2e_src, splits=("test", "dev"))
-    return data
-
 
 @pytest.fixture(scope="module")
 def adapter(tiny_gpt2, tmp_path_factory):
@@ -90,9 +53,9 @@ def test_written_lines_read_back_with_empty_ones(tmp_path):
     assert eval.read_hyps(tmp_path / "p.txt") == ["a b", "", "£20, café", ""]
 
 
-def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_data, adapter, tmp_path, capsys):
+def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_small, adapter, tmp_path, capsys):
     out = tmp_path / "out"
-    common = ["--adapter", str(adapter), "--data", str(e2e_data), "--out", str(out), "--limit", "4", "--beam",
+    common = ["--adapter", str(adapter), "--data", str(e2e_small), "--out", str(out), "--limit", "4", "--beam",
               "2", "--max_new_tokens", "8", "--device", "cpu"]
     eval.main([*common, "--val_examples", "8", "--val_batch_size", "4"])
     printed = capsys.readouterr().out
@@ -106,7 +69,7 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_data
     model = lora.merge_lora(lora.load_model(adapter=adapter)).eval()
     base = GPT.from_pretrained(tiny_gpt2).eval()
     enc = get_tokenizer()
-    items = prepare.load_mrs(e2e_data, "test")[:4]
+    items = prepare.load_mrs(e2e_small, "test")[:4]
     prompts = [enc.encode_ordinary(prepare.format_prompt(mr)) for mr, _ in items]
     for line, prompt in zip(lines, prompts, strict=True):
         tokens = beam_search(model, prompt, beam=2, max_new_tokens=8, length_penalty=0.9, no_repeat_ngram=4)
@@ -119,7 +82,7 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_data
     record = records[0]
     scores = metrics.score_all(lines, [refs for _, refs in items])
     assert record["scores"] == scores
-    loss_sum, count = prepare.summed_loss(model, prepare.load_split(e2e_data, "dev"), 4, "cpu", limit=8)
+    loss_sum, count = prepare.summed_loss(model, prepare.load_split(e2e_small, "dev"), 4, "cpu", limit=8)
     assert record["val_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
     assert (record["split"], record["mrs"], record["settings"]["beam"]) == ("test", 4, 2)
     assert record["predictions"] == str(out / "predictions_test.txt")
@@ -132,7 +95,7 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_data
 
     # --split dev, without the dev loss: a second line is appended, the first stays
     eval.main([*common, "--split", "dev", "--no_val_loss"])
-    n_dev = len(prepare.load_mrs(e2e_data, "dev")[:4])
+    n_dev = len(prepare.load_mrs(e2e_small, "dev")[:4])
     assert len((out / "predictions_dev.txt").read_text(encoding="utf-8").split("\n")[:-1]) == n_dev
     records = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 2 and records[0] == record
@@ -145,7 +108,7 @@ def first_refs_against_the_others(e2e_src, tmp_path):
     items = [(mr, refs) for mr, refs in prepare.unique_mrs(prepare.read_csv(e2e_src / "testset_w_refs.csv"))
              if len(refs) > 1]
     hyps, refs = [r[0] for _, r in items], [r[1:] for _, r in items]
-    refs_csv = write_csv(tmp_path / "refs.csv", [(mr, ref) for mr, r in items for ref in r[1:]])
+    refs_csv = write_e2e_csv(tmp_path / "refs.csv", [(mr, ref) for mr, r in items for ref in r[1:]])
     hyp_file = tmp_path / "hyps.txt"
     eval.write_lines(hyp_file, hyps)
     return hyp_file, refs_csv, hyps, refs

@@ -4,7 +4,6 @@ fixed budget gives equal trainable counts."""
 import csv
 
 import pytest
-from test_train import e2e_small  # noqa: F401  (the prepared-data fixture)
 
 import sweep
 
@@ -16,7 +15,7 @@ def train_args(tiny_gpt2):
             "--eval_interval", "2", "--eval_examples", "8", "--device", "cpu"]
 
 
-def test_rank_sweep_writes_one_row_per_rank(tiny_gpt2, e2e_small, tmp_path):  # noqa: F811
+def test_rank_sweep_writes_one_row_per_rank(tiny_gpt2, e2e_small, tmp_path):
     rows = sweep.main(["ranks", "--ranks", "1", "2", "--out", str(tmp_path), "--data", str(e2e_small),
                        "--eval_split", "dev", "--eval_limit", "2", "--beam", "2", "--no_meteor",
                        *train_args(tiny_gpt2)])
@@ -34,7 +33,7 @@ def test_rank_sweep_writes_one_row_per_rank(tiny_gpt2, e2e_small, tmp_path):  # 
                        *train_args(tiny_gpt2)]) == rows
 
 
-def test_target_sweep_at_a_fixed_budget(tiny_gpt2, e2e_small, tmp_path, capsys):  # noqa: F811
+def test_target_sweep_at_a_fixed_budget(tiny_gpt2, e2e_small, tmp_path, capsys):
     rows = sweep.main(["targets", "--grid", "q:4", "q,v:2", "q,k,v,o:1", "--no_eval", "--out", str(tmp_path),
                        "--data", str(e2e_small), *train_args(tiny_gpt2)])
     assert [row["setting"] for row in rows] == ["q_r4", "qv_r2", "qkvo_r1"]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import E2E_DIR
 
 import train
 from data.e2e import prepare
@@ -18,27 +17,6 @@ from model import GPT
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def e2e_small(tmp_path_factory):
-    """Prepared data: 240 training and 64 dev rows of the official dev set (the training set is not here),
-    or a small hand-made set where the shared data is absent."""
-    src = tmp_path_factory.mktemp("e2e_src")
-    if (E2E_DIR / "devset.csv").is_file():
-        lines = (E2E_DIR / "devset.csv").read_text(encoding="utf-8").splitlines(keepends=True)
-        header, rows = lines[0], lines[1:]
-        (src / "trainset.csv").write_text(header + "".join(rows[:240]), encoding="utf-8")
-        (src / "devset.csv").write_text(header + "".join(rows[240:304]), encoding="utf-8")
-    else:
-        names = ["The Vaults", "Café Rouge", "The Mill", "Zizzi", "Aromi", "Blue Spice"]
-        rows = [f'"name[{n}], eatType[pub], priceRange[£{10 + i}]","{n} is a pub costing £{10 + i}."\n'
-                for i, n in enumerate(names * 50)]
-        (src / "trainset.csv").write_text("mr,ref\n" + "".join(rows[:240]), encoding="utf-8")
-        (src / "devset.csv").write_text("mr,ref\n" + "".join(rows[240:]), encoding="utf-8")
-    data = tmp_path_factory.mktemp("e2e_data")
-    prepare.prepare(data, source=src, splits=("train", "dev"))
-    return data
 
 
 def args_for(tiny_gpt2, data, out, *extra):
