@@ -1,10 +1,10 @@
 """GPT-2, the whole model in one file: config, layers, weight loading, generation and beam search.
 
-Read it top to bottom: GPTConfig -> attention -> MLP -> Block -> GPT (forward, generate) ->
-from_pretrained (OpenAI's weights, name for name) -> beam search -> the tokenizer and device helpers.
-Parameter names follow OpenAI / Hugging Face (transformer.h.0.attn.c_attn.weight, ...), so a checkpoint
-loads name for name. Every projection is a plain nn.Linear (weight shape (out, in)); that is what
-lora.py wraps.
+Read it top to bottom: GPTConfig -> (a speed detail: Linear) -> KV cache -> attention -> MLP -> Block ->
+GPT (forward, loss, generate) -> from_pretrained (OpenAI's weights, name for name) -> beam search -> the
+tokenizer and device helpers. Parameter names follow OpenAI / Hugging Face (transformer.h.0.attn.c_attn.weight,
+...), so a checkpoint loads name for name. Every projection is an nn.Linear (weight shape (out, in)); that
+is what lora.py wraps.
 """
 
 import functools
@@ -44,6 +44,10 @@ PRETRAINED = {
 HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# A speed detail, safe to skip on a first reading: Linear is nn.Linear with a quicker CPU path for one-token
+# generation steps. The math is F.linear's.
+
 def linear(x, weight, bias=None):
     """x W^T + b, as F.linear computes it, but quicker on a CPU when x has few rows and no gradient is needed.
 
@@ -71,6 +75,9 @@ class Linear(nn.Linear):
     def forward(self, x):
         return linear(x, self.weight, self.bias)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The model.
 
 class KVCache:
     """Keys and values of every past position, per layer, so a new token costs one position's forward pass.
