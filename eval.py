@@ -7,9 +7,9 @@
     python eval.py --hyp outputs.txt --refs testset_w_refs.csv    # score any system's outputs; no model
 
 With a model it: decodes every unique MR of the split (630 on test) by beam search with the paper's
-settings (beam 10, length penalty 0.9, no repeated 4-gram; Table 11); writes the outputs one line per MR, in
-the order the MRs first appear in the CSV, to {out}/predictions_{split}.txt; computes the mean dev loss per
-token; scores the outputs with metrics.score_all (BLEU, NIST, METEOR, ROUGE-L, CIDEr, as the official
+settings (microsoft/LoRA's decoder: beam 10, length penalty 0.8, no repeated 4-gram); writes the outputs one
+line per MR, in the order the MRs first appear in the CSV, to {out}/predictions_{split}.txt; computes the mean
+dev loss per token; scores the outputs with metrics.score_all (BLEU, NIST, METEOR, ROUGE-L, CIDEr, as the official
 scorer); prints a row like the paper's Table 18 and appends the figures as a JSON line to {out}/results.jsonl.
 
 With --hyp FILE --refs CSV it does the official scorer's job alone: FILE holds one output per line for each
@@ -18,7 +18,6 @@ unique MR of CSV, in order of first appearance.
 
 import argparse
 import json
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,10 +26,13 @@ import torch
 from tqdm import tqdm
 
 import lora
-import metrics
-from checkpoint import UserError, atomic_write
 from data.e2e import prepare
-from model import beam_search, get_tokenizer, pick_device, pick_dtype
+from data.e2e.batches import dev_loss, load_split
+from tools import metrics
+from tools.beam import beam_search
+from tools.device import pick_device, pick_dtype
+from tools.files import atomic_write
+from tools.loading import describe_lora, load_model
 
 SCORE_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")  # metrics.score_all's keys, in the paper's order
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the paper prints these x100 (BLEU 70.4 is 0.704 from the scorer)
@@ -50,8 +52,11 @@ def parse_args(argv=None):
                    "and downloaded, when missing)")
     p.add_argument("--split", default="test", choices=["test", "dev"], help="the MRs to decode and score")
     p.add_argument("--beam", type=int, default=10, help="beam size")
-    p.add_argument("--length_penalty", type=float, default=0.9, help="a hypothesis scores its summed "
-                   "log-probability / length ** length_penalty")
+    p.add_argument("--length_penalty", type=float, default=0.8, help="the LoRA repository's E2E command uses 0.8; "
+                   "the paper's Table 11 says 0.9")
+    p.add_argument("--references", default=None, choices=["paper", "official"], help="score against the "
+                   "references in the paper's pre-tokenized form (grouped by context, as microsoft/LoRA's "
+                   "gpt2_decode.py does) or as the official CSV has them (default: the model's data format)")
     p.add_argument("--no_repeat_ngram", type=int, default=4, help="never repeat an n-gram of this size "
                    "(0: no rule)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest output, in tokens")
@@ -72,19 +77,19 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """UserError for options that cannot go together or values that make no sense."""
+    """A one-line error for options that cannot go together or values that make no sense."""
     if args.hyp is not None or args.refs is not None:
         if args.hyp is None or args.refs is None:
-            raise UserError("--hyp and --refs go together: the outputs to score and the CSV of references")
+            raise SystemExit("error: --hyp and --refs go together: the outputs to score and the CSV of references")
         if args.model is not None or args.adapter is not None or args.merged is not None:
-            raise UserError("--hyp scores a file of outputs; it takes no --model, --adapter or --merged")
+            raise SystemExit("error: --hyp scores a file of outputs; it takes no --model, --adapter or --merged")
         return
     for name in ("beam", "max_new_tokens", "limit", "val_examples", "val_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+            raise SystemExit(f"error: --{name} must be at least 1, got {value}")
     if args.no_repeat_ngram < 0:
-        raise UserError(f"--no_repeat_ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
+        raise SystemExit(f"error: --no_repeat_ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,11 +114,11 @@ def read_hyps(path):
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
+        raise SystemExit(f"error: {path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from None
     return [line.strip() for line in text.splitlines()]
 
 
@@ -126,12 +131,12 @@ def score_hyp_file(hyp_path, refs_csv):
     refs = [mr_refs for _, mr_refs in prepare.unique_mrs(prepare.read_csv(refs_csv))]
     hyps = read_hyps(hyp_path)
     if len(hyps) != len(refs):
-        raise UserError(f"{hyp_path} has {len(hyps)} lines but {refs_csv} has {len(refs)} unique MRs: need "
+        raise SystemExit(f"error: {hyp_path} has {len(hyps)} lines but {refs_csv} has {len(refs)} unique MRs: need "
                         f"one output line per MR, in the order the MRs first appear")
     return metrics.score_all(hyps, refs), len(refs)
 
 
-def table(name, split, n_mrs, val_loss, scores):
+def table(name, split, n_mrs, val_loss, scores, meteor_asked=True):
     """A markdown header and row like the paper's Table 18, then the units (and how to get METEOR)."""
     def cell(metric):
         value = scores[metric]
@@ -145,7 +150,7 @@ def table(name, split, n_mrs, val_loss, scores):
              "| " + " | ".join(cells) + " |",
              "BLEU, METEOR and ROUGE-L are x100, as the paper prints them; NIST and CIDEr as the scorer "
              "prints them."]
-    if scores["METEOR"] is None:
+    if scores["METEOR"] is None and meteor_asked:
         lines.append(METEOR_HINT)
     return "\n".join(lines)
 
@@ -157,7 +162,7 @@ def decode(model, enc, mrs, args, autocast):
     """Each MR's beam-search output as one line of text (one MR's beams go through the model together)."""
     outputs = []
     for mr in tqdm(mrs, desc="beam search", unit=" MR", dynamic_ncols=True):
-        prompt = enc.encode_ordinary(prepare.format_prompt(mr))
+        prompt = prepare.prompt_tokens(enc, mr, model.data_format)
         with autocast:
             tokens = beam_search(model, prompt, beam=args.beam, max_new_tokens=args.max_new_tokens,
                                  length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
@@ -182,49 +187,56 @@ def evaluate(args):
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    model = lora.load_model(model=args.model, adapter=args.adapter, merged=args.merged)
+    model = load_model(model=args.model, adapter=args.adapter, merged=args.merged)
+    references = args.references or model.data_format
     # Fold the adapter into the weights, as loralib does in eval mode: the same function (up to rounding), and
     # one matmul per projection instead of one plus two per update.
     lora.merge_lora(model)
     model.to(device).eval()
-    enc = get_tokenizer()
+    enc = prepare.get_tokenizer()
 
     data = Path(args.data)
-    needs_dev = not args.no_val_loss and args.split != "dev"
-    prepare.ensure_prepared(data, splits=(args.split, "dev") if needs_dev else (args.split,))
+    splits = [args.split] + (["dev"] if not args.no_val_loss and args.split != "dev" else [])
+    missing = [split for split in splits if not prepare.is_prepared(data, split)]
+    if missing:
+        prepare.prepare(data, splits=missing, data_format=model.data_format)
+    for split in splits:
+        if prepare.read_format(data, split) != model.data_format:
+            raise SystemExit(f"error: {data} holds {split} in the {prepare.read_format(data, split)} format, but the "
+                             f"model was trained on the {model.data_format} format; pass --data with that format")
     items = prepare.load_mrs(data, args.split)[:args.limit]
+    refs = [item["format_refs"] if references == "paper" else item["refs"] for item in items]
     name = args.adapter or args.merged or model.name_or_path
     out = default_out(args)
     print(f"{name} on {device} ({str(dtype).removeprefix('torch.')}): {len(items)} {args.split} MRs, beam "
-          f"{args.beam}, length penalty {args.length_penalty}, no repeated {args.no_repeat_ngram}-grams")
+          f"{args.beam}, length penalty {args.length_penalty}, no repeated {args.no_repeat_ngram}-grams; scored "
+          f"against the {references} references" + (" (pre-tokenized, as the paper)" if references == "paper" else ""))
 
     val_loss = None
     if not args.no_val_loss:
-        dev = prepare.load_split(data, "dev")
-        loss_sum, count = prepare.summed_loss(model, dev, args.val_batch_size, device,
-                                              limit=args.val_examples, autocast=autocast)
-        val_loss = loss_sum / count
+        dev = load_split(data, "dev")
+        val_loss = dev_loss(model, dev, args.val_batch_size, device, args.val_examples, autocast)
         n_examples = len(dev) if args.val_examples is None else min(args.val_examples, len(dev))
-        print(f"val loss {val_loss:.4f} (mean per token over the {count:,} target tokens of {n_examples:,} "
-              f"dev examples)")
+        print(f"val loss {val_loss:.4f} (mean per target token over {n_examples:,} dev examples)")
 
     t0 = time.perf_counter()
-    predictions = decode(model, enc, [mr for mr, _ in items], args, autocast)
+    predictions = decode(model, enc, [item["mr"] for item in items], args, autocast)
     decode_seconds = time.perf_counter() - t0
     predictions_path = out / f"predictions_{args.split}.txt"
     write_lines(predictions_path, predictions)
 
     t0 = time.perf_counter()
-    scores = metrics.score_all(predictions, [refs for _, refs in items], with_meteor=not args.no_meteor)
+    scores = metrics.score_all(predictions, refs, with_meteor=not args.no_meteor)
     score_seconds = time.perf_counter() - t0
     print(f"decoded in {decode_seconds:.1f} s, scored in {score_seconds:.1f} s; outputs: {predictions_path}")
-    print(table(name, args.split, len(items), val_loss, scores))
+    print(table(name, args.split, len(items), val_loss, scores, not args.no_meteor))
 
     record = dict(
         date=datetime.now().isoformat(timespec="seconds"), model=str(name),
         base_model=str(model.name_or_path), adapter=args.adapter, merged=args.merged,
-        lora=lora.describe(lora.lora_config(args.adapter)) if args.adapter else None,
-        split=args.split, mrs=len(items), val_loss=val_loss, val_examples=args.val_examples,
+        lora=describe_lora(model.lora_config) if hasattr(model, "lora_config") else None,
+        data_format=model.data_format, references=references, split=args.split,
+        mrs=len(items), val_loss=val_loss, val_examples=args.val_examples,
         scores=scores,  # the scorer's units: BLEU, METEOR, ROUGE_L in 0..1
         settings=dict(beam=args.beam, length_penalty=args.length_penalty,
                       no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
@@ -241,18 +253,14 @@ def evaluate(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        check_args(args)
-        if args.hyp is not None:
-            t0 = time.perf_counter()
-            scores, n_mrs = score_hyp_file(args.hyp, args.refs)
-            print(f"scored {n_mrs} MRs in {time.perf_counter() - t0:.1f} s")
-            print(table(args.hyp, Path(args.refs).name, n_mrs, None, scores))
-        else:
-            evaluate(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    check_args(args)
+    if args.hyp is None:
+        return evaluate(args)
+    t0 = time.perf_counter()
+    scores, n_mrs = score_hyp_file(args.hyp, args.refs)
+    print(f"scored {n_mrs} MRs in {time.perf_counter() - t0:.1f} s against the official references of {args.refs}")
+    print(table(args.hyp, Path(args.refs).name, n_mrs, None, scores))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

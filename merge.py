@@ -25,21 +25,25 @@ import json
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import lora
-from checkpoint import UserError, atomic_dir, save_safetensors
-from data.e2e import prepare
-from model import EOT, GPT, get_tokenizer, hf_config, hf_state_dict, pick_device
+from data.e2e.prepare import DATA_DIR, EOT, get_tokenizer, load_mrs, prompt_tokens
+from model import GPT
+from tools.device import pick_device
+from tools.files import atomic_dir, save_safetensors
+from tools.hf_checkpoint import hf_config, hf_state_dict
+from tools.loading import describe, describe_lora, load_model
 
-# The check's prompts when no prepared E2E dev MRs are found in --data: E2E-style prompts and plain text.
+# The check's prompts when no prepared E2E dev MRs are found in --data: E2E MRs (in the adapter's data format)
+# and plain text.
+FALLBACK_MRS = [
+    "name[The Vaults], eatType[pub], priceRange[more than £30], customer rating[5 out of 5], near[Café Adriatic]",
+    "name[The Cambridge Blue], eatType[restaurant], food[English], priceRange[cheap], area[riverside]",
+    "name[Aromi], eatType[coffee shop], food[French], customer rating[low], area[city centre], familyFriendly[no]",
+    "name[Zizzi], eatType[pub], near[The Sorrento]",
+]
 FALLBACK_TEXTS = [
-    prepare.format_prompt("name[The Vaults], eatType[pub], priceRange[more than £30], "
-                          "customer rating[5 out of 5], near[Café Adriatic]"),
-    prepare.format_prompt("name[The Cambridge Blue], eatType[restaurant], food[English], priceRange[cheap], "
-                          "area[riverside]"),
-    prepare.format_prompt("name[Aromi], eatType[coffee shop], food[French], customer rating[low], "
-                          "area[city centre], familyFriendly[no]"),
-    prepare.format_prompt("name[Zizzi], eatType[pub], near[The Sorrento]"),
     "The quick brown fox jumps over the lazy dog.",
     "In 1905, Albert Einstein published four papers that",
     "Low-rank adaptation freezes the pretrained weights and",
@@ -63,7 +67,7 @@ def parse_args(argv=None):
     parser.add_argument("--check-only", "--check_only", dest="check_only", action="store_true",
                         help="merge in memory and check against the unmerged model; write nothing "
                         "(default: off)")
-    parser.add_argument("--data", type=Path, default=prepare.DATA_DIR,
+    parser.add_argument("--data", type=Path, default=DATA_DIR,
                         help="the folder with the prepared E2E data; the check uses its dev MRs "
                         "(dev_mrs.json) when they are there, else a fixed list of texts "
                         "(default: %(default)s)")
@@ -83,14 +87,14 @@ def parse_args(argv=None):
 def check_options(args):
     """Refuse option values that cannot work, before anything is loaded."""
     if args.out is None and not args.check_only:
-        raise UserError("give --out DIR for the merged checkpoint, or --check-only to write nothing")
+        raise SystemExit("error: give --out DIR for the merged checkpoint, or --check-only to write nothing")
     if args.out is not None and not args.check_only and args.out.exists():
-        raise UserError(f"{args.out} already exists; choose another --out (a merge never overwrites)")
+        raise SystemExit(f"error: {args.out} already exists; choose another --out (a merge never overwrites)")
     for name in ("n_check", "check_tokens"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+            raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
     if args.tolerance < 0:
-        raise UserError(f"--tolerance must be 0 or more, got {args.tolerance}")
+        raise SystemExit(f"error: --tolerance must be 0 or more, got {args.tolerance}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,35 +104,36 @@ def write_checkpoint(model, folder, metadata):
     """model.safetensors and config.json of the merged model into folder."""
     if not all(layer.merged for layer in lora.lora_layers(model)):
         raise ValueError("merge the LoRA layers first: until then the weights are the base model's")
-    gpt2_weights = {name: t for name, t in model.state_dict().items() if ".lora." not in name}  # in W now
-    save_safetensors(hf_state_dict(gpt2_weights), Path(folder) / "model.safetensors", {"format": "pt", **metadata})
+    weights = hf_state_dict(model.state_dict())  # the updates are in W now; the LoRA tensors are left out
+    save_safetensors(weights, Path(folder) / "model.safetensors", {"format": "pt", **metadata})
     (Path(folder) / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checking: merged against unmerged on the same prompts.
 
-def check_prompts(data_dir, n, max_len):
-    """(token lists, where they came from): the first n E2E dev MRs formatted as in training when they are
-    prepared in data_dir, else the first n FALLBACK_TEXTS; each cut to its last max_len tokens."""
+def check_prompts(data_dir, n, max_len, data_format):
+    """(token lists, where they came from): the first n E2E dev MRs in the adapter's data format when they are
+    prepared in data_dir, else fixed MRs and texts; each cut to its last max_len tokens."""
+    enc = get_tokenizer()
     path = Path(data_dir) / "dev_mrs.json"
     if path.is_file():
-        texts = [prepare.format_prompt(mr) for mr, _ in prepare.load_mrs(data_dir, "dev")[:n]]
-        source = f"{len(texts)} E2E dev MRs from {path}"
+        prompts = [prompt_tokens(enc, item["mr"], data_format) for item in load_mrs(data_dir, "dev")[:n]]
+        source = f"{len(prompts)} E2E dev MRs from {path}"
     else:
-        texts = FALLBACK_TEXTS[:n]
-        source = f"{len(texts)} fixed texts (no prepared dev MRs in {data_dir})"
-    enc = get_tokenizer()
-    return [enc.encode_ordinary(text)[-max_len:] for text in texts], source
+        prompts = [prompt_tokens(enc, mr, data_format) for mr in FALLBACK_MRS]
+        prompts = (prompts + [enc.encode_ordinary(text) for text in FALLBACK_TEXTS])[:n]
+        source = f"{len(prompts)} fixed texts (E2E MRs and plain text; no prepared dev MRs in {data_dir})"
+    return [tokens[-max_len:] for tokens in prompts], source
 
 
 @torch.no_grad()
-def model_outputs(model, prompts, check_tokens):
+def model_outputs(model, prompts, check_tokens, desc):
     """For each prompt: the logits (T, vocab) at its positions, on the CPU, and its greedy continuation of
     check_tokens tokens (stopping at <|endoftext|>) as a list of token ids."""
     device = model.transformer.wte.weight.device
     logits, continuations = [], []
-    for tokens in prompts:
+    for tokens in tqdm(prompts, desc=desc, unit=" prompts"):
         idx = torch.tensor([tokens], device=device)
         logits.append(model(idx)[0][0].cpu())
         out = model.generate(idx, check_tokens, temperature=0.0, eos_token=EOT)
@@ -150,14 +155,14 @@ def compare(unmerged, merged):
 
 
 def report(figures, args, what):
-    """Print the figures; raise UserError when the merged model is not the unmerged one."""
+    """Print the figures; a one-line error when the merged model is not the unmerged one."""
     print(f"{what} vs unmerged base + adapter, computed in float64:")
     print(f"  max  |logit difference|  {figures['max_diff']:.3e}   (tolerance {args.tolerance:.0e})")
     print(f"  mean |logit difference|  {figures['mean_diff']:.3e}")
     print(f"  greedy continuations of {args.check_tokens} tokens identical: "
           f"{figures['same']} of {figures['n']}")
     if figures["max_diff"] > args.tolerance or figures["same"] != figures["n"]:
-        raise UserError(f"the merged model differs from the unmerged one: max |logit difference| "
+        raise SystemExit(f"error: the merged model differs from the unmerged one: max |logit difference| "
                         f"{figures['max_diff']:.3e} (tolerance {args.tolerance:.0e}), "
                         f"{figures['n'] - figures['same']} of {figures['n']} greedy continuations differ; "
                         f"{'nothing was written' if not args.check_only else 'the merge is wrong'}")
@@ -169,32 +174,35 @@ def merge(args):
     device = pick_device(args.device)
     if device.startswith("mps"):
         device = "cpu"  # the check needs float64, which mps lacks
-    model = lora.load_model(model=args.model, adapter=args.adapter)  # the adapter names its base; --model wins
-    config, base = model.lora_config, model.name_or_path
+    model = load_model(model=args.model, adapter=args.adapter)  # the adapter names its base; --model wins
+    description = describe(model)
     model.to(device).eval()
-    print(f"{base} + adapter {args.adapter} ({lora.describe(config)}), on {device}")
+    print(f"{description}, adapter {args.adapter}, on {device}")
     if args.check_tokens >= model.config.block_size:
-        raise UserError(f"--check_tokens must be below the model's block_size {model.config.block_size}")
-    prompts, source = check_prompts(args.data, args.n_check, model.config.block_size - args.check_tokens)
+        raise SystemExit(f"error: --check_tokens must be below the model's block_size {model.config.block_size}")
+    prompts, source = check_prompts(args.data, args.n_check, model.config.block_size - args.check_tokens,
+                                    model.data_format)
     print(f"checking on {source}")
     model.double()  # the check computes in float64 (see the top of this file)
-    unmerged = model_outputs(model, prompts, args.check_tokens)
+    unmerged = model_outputs(model, prompts, args.check_tokens, "unmerged")
 
     model.float()  # back to the fp32 weights (exactly: they were fp32 before), merged as they will be stored
     lora.merge_lora(model)
     if args.check_only:
         model.double()
-        figures = compare(unmerged, model_outputs(model, prompts, args.check_tokens))
+        figures = compare(unmerged, model_outputs(model, prompts, args.check_tokens, "merged"))
         report(figures, args, "merged in memory")
         print("ok; --check-only: nothing written")
         return figures
 
-    metadata = {"base_model": str(base), "adapter": str(args.adapter), "lora": lora.describe(config)}
+    metadata = {"base_model": str(model.name_or_path), "adapter": str(args.adapter),
+                "lora": describe_lora(model.lora_config),
+                "data_format": model.data_format}
     with atomic_dir(args.out) as tmp:
         write_checkpoint(model, tmp, metadata)
         del model  # free its memory before the copy on disk is loaded
         reloaded = GPT.from_pretrained(tmp).to(device).double().eval()
-        figures = compare(unmerged, model_outputs(reloaded, prompts, args.check_tokens))
+        figures = compare(unmerged, model_outputs(reloaded, prompts, args.check_tokens, "merged, read back"))
         report(figures, args, "merged, read back from the written files,")  # an error here removes tmp
     size = (args.out / "model.safetensors").stat().st_size
     print(f"ok; wrote {args.out}: model.safetensors ({size / 1e6:.1f} MB) and config.json")
@@ -203,11 +211,7 @@ def merge(args):
 
 def main(argv=None):
     """Merge, write and check; returns the check's figures (max_diff, mean_diff, same, n)."""
-    args = parse_args(argv)
-    try:
-        return merge(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    return merge(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@
     python sample.py --adapter out/adapter.safetensors --mr "name[The Vaults], eatType[pub], area[riverside]"
     python sample.py --adapter out/adapter.safetensors --mr "..." --beam 10    # the paper's E2E decoding
     python sample.py --merged out/merged --mr "..." --greedy
+    python sample.py --adapter a.safetensors b.safetensors peft_folder --mr "..." --greedy   # each, in turn
 
 --mr formats an E2E meaning representation exactly as training did (prepare.format_prompt), so an adapter
 trained on E2E sees the prompt it learned to complete. Generation stops at <|endoftext|>. Samples go to
-stdout, one after the other, each under a '--- sample i/n ---' line; what was loaded goes to stderr.
+stdout, one after the other, each under a '--- sample i/n ---' line; what was loaded goes to stderr. With several
+adapters the base model is loaded once and each adapter's outputs follow an '=== adapter NAME ===' line.
 """
 
 import argparse
@@ -18,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-import lora
-from checkpoint import UserError
-from data.e2e import prepare
-from model import EOT, beam_search, get_tokenizer, pick_device, pick_dtype
+from data.e2e.prepare import EOT, get_tokenizer, prompt_tokens
+from model import GPT
+from tools.beam import beam_search
+from tools.device import pick_device, pick_dtype
+from tools.loading import describe, load_model
+from tools.peft_adapter import AdapterBank, read_adapter
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 FILE_PREFIX = "FILE:"  # --prompt FILE:path reads the prompt from a file
@@ -35,8 +39,9 @@ def parse_args(argv=None):
     what.add_argument("--model", default=None,
                       help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or .safetensors file "
                       "(default: gpt2; with --adapter, the base model named in the adapter file)")
-    what.add_argument("--adapter", type=Path, default=None,
-                      help="a LoRA adapter file (from train.py) to add to the model (default: none)")
+    what.add_argument("--adapter", type=Path, nargs="+", default=None,
+                      help="a LoRA adapter file (from train.py) or PEFT LoRA folder to add to the model; several "
+                      "are each sampled in turn, on one base model (default: none)")
     what.add_argument("--merged", type=Path, default=None,
                       help="a merged checkpoint folder (from merge.py); it is the whole model, so it goes "
                       "with neither --model nor --adapter (default: none)")
@@ -46,7 +51,7 @@ def parse_args(argv=None):
                         f"samples unconditionally, after <|endoftext|> (default: {DEFAULT_PROMPT!r})")
     prompt.add_argument("--mr", default=None,
                         help="an E2E meaning representation, e.g. 'name[The Vaults], eatType[pub]', "
-                        "formatted as in training: 'MR ||' (default: none)")
+                        "formatted as the adapter was trained (its data format) (default: none)")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--num_samples", type=int, default=3,
                           help="how many samples to draw; --greedy and --beam give one "
@@ -67,9 +72,9 @@ def parse_args(argv=None):
     decoding.add_argument("--beam", type=int, default=None,
                           help="beam search with this many beams instead of sampling, one output; the LoRA "
                           "paper used 10 on E2E (default: off)")
-    decoding.add_argument("--length_penalty", type=float, default=0.9,
-                          help="with --beam: a hypothesis scores its log-probability / length ** this "
-                          "(default: %(default)s)")
+    decoding.add_argument("--length_penalty", type=float, default=0.8,
+                          help="with --beam: the length penalty of the LoRA repository's decoder (0.8 in its E2E "
+                          "command; the paper's Table 11 says 0.9) (default: %(default)s)")
     decoding.add_argument("--no_repeat_ngram", type=int, default=4,
                           help="with --beam: never repeat an n-gram of this many tokens; 0 allows repeats "
                           "(default: %(default)s)")
@@ -88,56 +93,50 @@ def parse_args(argv=None):
 def check_options(args):
     """Refuse option values that make no sense, each with a one-line reason."""
     if args.adapter is not None and args.merged is not None:
-        raise UserError("--adapter and --merged cannot be used together: a merged checkpoint already holds "
+        raise SystemExit("error: --adapter and --merged cannot be used together: a merged checkpoint already holds "
                         "its adapter")
     if args.model is not None and args.merged is not None:
-        raise UserError("--model and --merged cannot be used together: --merged DIR is the whole model")
+        raise SystemExit("error: --model and --merged cannot be used together: --merged DIR is the whole model")
     if args.prompt is not None and args.mr is not None:
-        raise UserError("--prompt and --mr cannot be used together: give one prompt")
+        raise SystemExit("error: --prompt and --mr cannot be used together: give one prompt")
     for name in ("num_samples", "max_new_tokens", "top_k", "beam"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
+            raise SystemExit(f"error: --{name} must be at least 1, got {value}")
     if args.temperature < 0:
-        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
+        raise SystemExit(f"error: --temperature must be 0 or more, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
-
-
-def describe_model(args, model):
-    """What is being sampled from, for the first line of output."""
-    if args.merged is not None:
-        return f"merged checkpoint {args.merged}"
-    if args.adapter is not None:
-        return f"{model.name_or_path} + adapter {args.adapter} ({lora.describe(model.lora_config)})"
-    return model.name_or_path
+        raise SystemExit(f"error: --top_p must be in (0, 1], got {args.top_p}")
 
 
 def read_prompt(args):
-    """The prompt text: --mr formatted as in training, --prompt (or the file it names), or the default."""
-    if args.mr is not None:
-        return prepare.format_prompt(args.mr)
+    """The prompt text: --prompt (or the file it names), or the default."""
     text = DEFAULT_PROMPT if args.prompt is None else args.prompt
     if text.startswith(FILE_PREFIX):
         path = Path(text[len(FILE_PREFIX):])
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
-            raise UserError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+            raise SystemExit(f"error: cannot read the prompt file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
-            raise UserError(f"the prompt file {path} is not UTF-8 text ({e.reason})") from None
+            raise SystemExit(f"error: the prompt file {path} is not UTF-8 text ({e.reason})") from None
         text = text.removesuffix("\n")  # the newline an editor puts at the end is not part of the prompt
     return text
 
 
-def encode_prompt(text, block_size, max_new_tokens):
-    """The prompt's token ids; an empty prompt is <|endoftext|> alone, how GPT-2 starts a new text."""
-    # encode_ordinary, as in training: "<|endoftext|>" typed in a prompt stays plain text
-    tokens = get_tokenizer().encode_ordinary(text) or [EOT]
-    if len(tokens) + max_new_tokens > block_size:
-        raise UserError(f"the prompt is {len(tokens)} tokens; with --max_new_tokens {max_new_tokens} that is "
-                        f"more than the model's {block_size} positions (shorten the prompt or lower "
-                        f"--max_new_tokens)")
+def encode_prompt(args, model):
+    """The prompt's token ids: --mr in the model's data format, or the text (empty: <|endoftext|> alone, how
+    GPT-2 starts a new text). encode_ordinary, as in training: "<|endoftext|>" typed in a prompt stays text."""
+    enc = get_tokenizer()
+    if args.mr is not None:
+        tokens = prompt_tokens(enc, args.mr, getattr(model, "data_format", "paper"))
+    else:
+        tokens = enc.encode_ordinary(read_prompt(args)) or [EOT]
+    block_size = model.config.block_size
+    if len(tokens) + args.max_new_tokens > block_size:
+        raise SystemExit(f"error: the prompt is {len(tokens)} tokens; with --max_new_tokens {args.max_new_tokens} "
+                         f"that is more than the model's {block_size} positions (shorten the prompt or lower "
+                         f"--max_new_tokens)")
     return tokens
 
 
@@ -150,8 +149,7 @@ def generate(model, tokens, args):
     """The new tokens of each output, without <|endoftext|>: one per sample, or one for --greedy / --beam."""
     if args.beam is not None:
         return [beam_search(model, tokens, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                            length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
-                            eos_token=EOT)]
+                            length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)]
     device = model.transformer.wte.weight.device
     rows = 1 if args.greedy else args.num_samples
     idx = torch.tensor([tokens] * rows, dtype=torch.long, device=device)
@@ -169,30 +167,52 @@ def heading(args, i, n):
     return "--- greedy ---" if args.greedy else f"--- sample {i}/{n} ---"
 
 
-def main(argv=None):
-    """Sample and print; returns the texts of the outputs (the continuations only)."""
-    args = parse_args(argv)
-    try:
-        check_options(args)
-        text = read_prompt(args)
-        model = lora.load_model(model=args.model, adapter=args.adapter, merged=args.merged)
-        description = describe_model(args, model)
-        device = pick_device(args.device)
-        dtype = pick_dtype(args.dtype, device)
-        model.to(device=device, dtype=dtype).eval()
-        precision = str(dtype).removeprefix("torch.")
-        print(f"{description}, on {device} in {precision}", file=sys.stderr, flush=True)
-        tokens = encode_prompt(text, model.config.block_size, args.max_new_tokens)
-        outputs = generate(model, tokens, args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
-    enc = get_tokenizer()
-    texts = [enc.decode(new_tokens) for new_tokens in outputs]
-    print(f"prompt: {text!r}")
+def sample_and_print(model, args):
+    """The prompt and the outputs of model, printed; returns the texts of the outputs (the continuations only)."""
+    tokens = encode_prompt(args, model)
+    texts = [get_tokenizer().decode(new_tokens) for new_tokens in generate(model, tokens, args)]
+    print(f"prompt: {get_tokenizer().decode(tokens)!r}")
     for i, continuation in enumerate(texts, start=1):
         print(heading(args, i, len(texts)))
         print(continuation)
     return texts
+
+
+def sample_several(args, device, dtype):
+    """Each adapter's outputs for the same prompt and seed, switching adapters on one base model in memory;
+    returns {adapter: texts}."""
+    bases = {str(read_adapter(path)[1]["base_model"]) for path in args.adapter}
+    if args.model is None and (len(bases) > 1 or bases & {"", "None"}):
+        raise SystemExit(f"error: the adapters name the base models {', '.join(sorted(bases))}; say which with --model")
+    model = GPT.from_pretrained(args.model or bases.pop()).to(device=device, dtype=dtype).eval()
+    bank = AdapterBank(model)
+    for path in args.adapter:
+        bank.add(str(path), path)
+    print(f"{model.name_or_path} with {len(args.adapter)} adapters, on {device} in "
+          f"{str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+    outputs = {}
+    for name in bank.adapters:
+        bank.use(name)
+        print(f"=== adapter {name}: {describe(model)} ===")
+        outputs[name] = sample_and_print(model, args)
+    return outputs
+
+
+def main(argv=None):
+    """Sample and print; returns the texts of the outputs (the continuations only), by adapter if several."""
+    args = parse_args(argv)
+    check_options(args)
+    if args.prompt is not None:
+        read_prompt(args)  # a missing prompt file is found before the model loads
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.adapter is not None and len(args.adapter) > 1:
+        return sample_several(args, device, dtype)
+    adapter = args.adapter[0] if args.adapter else None
+    model = load_model(model=args.model, adapter=adapter, merged=args.merged)
+    model.to(device=device, dtype=dtype).eval()
+    print(f"{describe(model)}, on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
+    return sample_and_print(model, args)
 
 
 if __name__ == "__main__":

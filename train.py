@@ -1,32 +1,38 @@
 """Fine-tune GPT-2 on E2E NLG with LoRA, the LoRA paper's way (Hu et al. 2021, Table 11):
 
-    python train.py --rank 4                                  # gpt2, r=4 on Wq and Wv, 5 epochs
-    python train.py --model gpt2-medium --rank 4 --targets q v  # the paper's E2E setting (on a GPU)
-    torchrun --nproc_per_node=2 train.py ...                  # data-parallel, same global batch
+    python train.py --rank 4                                    # gpt2, r=4 on Wq and Wv, 5 epochs
+    python train.py --model gpt2-medium                          # the paper's E2E setting (on a GPU)
+    torchrun --nproc_per_node=2 train.py ...                    # data-parallel (DDP), same global batch
 
-The loop: batches of E2E examples padded to their own longest sequence -> loss on the completion tokens
-only (label-smoothed) -> AdamW on the LoRA parameters alone -> linear warmup then linear decay to zero.
+The loop: a batch of E2E examples padded to its own longest -> loss on the completion tokens only
+(label-smoothed) -> AdamW on the LoRA parameters alone -> linear warmup then linear decay to zero.
 It writes, into --out: adapter.safetensors (the LoRA tensors), log.jsonl (one line per step) and
 ckpt.pt (everything --resume needs to continue exactly where it stopped).
 """
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import UserError, atomic_write
 from data.e2e import prepare
-from lora import apply_lora, describe, lora_state_dict, save_adapter, trainable_report
-from model import GPT, pick_device, pick_dtype
+from data.e2e.batches import batch_order, dev_loss, load_split, make_batch, target_count
+from lora import apply_lora, lora_state_dict, save_adapter, scale
+from model import GPT
+from tools import preflight
+from tools.device import pick_dtype
+from tools.files import atomic_write
+from tools.loading import trainable_report
 
 # Arguments that define what is trained: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ("model", "rank", "alpha", "dropout", "targets", "rslora", "init", "data", "epochs", "batch_size",
@@ -47,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian"], help="how A starts")
     p.add_argument("--data", default=str(prepare.DATA_DIR), help="folder of the prepared E2E data (prepared, "
                    "and downloaded, when missing)")
+    p.add_argument("--format", default="paper", choices=prepare.FORMATS, help="the data format, when the data "
+                   "is prepared here (see data/e2e/prepare.py)")
     p.add_argument("--out", default="out", help="folder for adapter.safetensors, log.jsonl and ckpt.pt")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--max_iters", type=int, default=None, help="train this many steps instead of --epochs")
@@ -66,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (batch lengths are padded to "
+                   "a multiple of 16, so it compiles a few times, not once per length)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     return p.parse_args(argv)
@@ -79,109 +88,50 @@ def lr_at(step, peak, warmup, total):
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def global_batches(train, args):
-    """Yield (step, indices) for every step: epoch e's batches come from a permutation seeded by (seed, e),
-    so the batch of any step can be found again from the step alone (that is all --resume needs)."""
+def batches(train_split, args):
+    """Yield (step, indices) for every step, epoch after epoch; epoch e's order is seeded by (seed, e), so the
+    batch of any step can be found again from the step alone (that is all --resume needs)."""
     step = 0
-    for epoch in range(10**9):
-        for indices in prepare.batch_order(train, args.batch_size, args.seed, epoch, bucket=args.bucket):
+    for epoch in itertools.count():
+        for indices in batch_order(train_split, args.batch_size, args.seed, epoch, bucket=args.bucket):
             yield step, indices
             step += 1
 
 
-class Run:
-    """The distributed setting: one process, or one of torchrun's; rank 0 logs and writes files.
-
-    Under torchrun each process takes the GPU of its LOCAL_RANK (NCCL), or shares the CPU (gloo).
-    """
-
-    def __init__(self, requested_device):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.main = self.rank == 0
-        self.device = pick_device(requested_device)
-        if self.world_size > 1:
-            if self.device == "cuda":
-                self.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.startswith("cuda") else "gloo")
-
-    def sum(self, *values):
-        """Add up floats across processes (identity with one)."""
-        if self.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return tuple(t.tolist())
-
-    def sum_grads(self, params):
-        """Add up the gradients of all processes: each process's loss is already divided by the global
-        number of target tokens, so the sum is the gradient of the global mean loss."""
-        if self.world_size == 1:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-
-    def barrier(self):
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def save_checkpoint(out, model, opt, step, args):
-    """Everything needed to continue exactly: LoRA weights, optimizer state, RNG states and the step."""
+def save_checkpoint(out, model, opt, step, args, log, data_format):
+    """Everything needed to continue exactly (LoRA weights, optimizer, RNG states, step), the adapter, the log."""
     state = dict(lora=lora_state_dict(model), optimizer=opt.state_dict(), step=step, args=vars(args),
                  torch_rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    save_adapter(model, out / "adapter.safetensors", data_format)  # first: it refuses non-finite tensors
     with atomic_write(out / "ckpt.pt") as f:
         torch.save(state, f)
-    save_adapter(model, out / "adapter.safetensors")
-
-
-def load_checkpoint(out, args):
-    path = out / "ckpt.pt"
-    if not path.is_file():
-        raise UserError(f"--resume: {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: torch raises many kinds
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
-    differ = [k for k in RUN_DEFINING if state["args"].get(k) != getattr(args, k)]
-    if differ:
-        raise UserError("--resume with other settings than the checkpoint's: " +
-                        ", ".join(f"--{k} {state['args'].get(k)} (was) vs {getattr(args, k)}" for k in differ))
-    return state
-
-
-def read_log(path, until_step):
-    """The log's lines up to until_step (a resumed run rewrites what came after its checkpoint)."""
-    if not path.is_file():
-        return []
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [line for line in lines if line["step"] <= until_step]
+    with atomic_write(out / "log.jsonl") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in log).encode())
 
 
 def train(args):
     """Run the training described by args; returns the trained model (LoRA applied, not merged)."""
-    run = Run(args.device)
-    device = run.device
+    # Processes: one, or one of torchrun's (each on the GPU of its LOCAL_RANK with NCCL, or on the CPU with gloo).
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    master = rank == 0
+    device, out = preflight.check_train(args, world_size), Path(args.out)
+    if world_size > 1:
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     dtype = pick_dtype(args.dtype, device)
-    out = Path(args.out)
-    if not args.resume and any((out / f).exists() for f in ("adapter.safetensors", "ckpt.pt")):
-        raise UserError(f"{out} already holds a run; use --resume to continue it or --out for a new folder")
-    if args.batch_size < run.world_size * args.grad_accum:
-        raise UserError(f"--batch_size {args.batch_size} is smaller than processes x --grad_accum")
 
-    # Data: prepared (and downloaded) once, by rank 0.
-    if run.main:
-        prepare.ensure_prepared(args.data, splits=("train", "dev"))
-    run.barrier()
-    train_split, dev_split = prepare.load_split(args.data, "train"), prepare.load_split(args.data, "dev")
+    if master:  # data: prepared (and downloaded) once, by the first process
+        missing = [s for s in ("train", "dev") if not prepare.is_prepared(args.data, s)]
+        if missing:
+            prepare.prepare(args.data, splits=missing, data_format=args.format)
+    if world_size > 1:
+        dist.barrier()
+    train_split, dev_split = load_split(args.data, "train"), load_split(args.data, "dev")
 
-    # Model: the frozen base plus LoRA. The same seed on every process gives every process the same A.
+    # The model: the frozen base plus LoRA. The same seed on every process gives every process the same A.
     torch.manual_seed(args.seed)
     model = GPT.from_pretrained(args.model)
     apply_lora(model, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
@@ -189,12 +139,11 @@ def train(args):
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = math.ceil(len(train_split) / args.batch_size)
-    total = args.max_iters if args.max_iters is not None else args.epochs * steps_per_epoch
+    total = args.max_iters or args.epochs * math.ceil(len(train_split) / args.batch_size)
 
     start, log = 0, []
     if args.resume:
-        state = load_checkpoint(out, args)
+        state = preflight.load_checkpoint(out / "ckpt.pt", args, RUN_DEFINING)
         with torch.no_grad():
             for name, tensor in lora_state_dict(model).items():
                 tensor.copy_(state["lora"][name])
@@ -203,106 +152,97 @@ def train(args):
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log = read_log(out / "log.jsonl", start)
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][:start]
 
-    loss_fn = torch.compile(model.loss) if args.compile else model.loss
+    # DDP averages the gradients of the processes during backward; each process's loss is scaled below so
+    # that the average is the gradient of the mean loss over the whole global batch.
+    ddp_model = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world_size > 1 else model
+    forward = torch.compile(ddp_model, dynamic=False) if args.compile else ddp_model
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-    if run.main:
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"{args.model}: {describe(model.lora_config)}, {trainable_report(model)}")
-        print(f"{len(train_split):,} training examples, {total:,} steps of {args.batch_size}, on {device} "
-              f"({str(dtype).removeprefix('torch.')}), {run.world_size} process(es)")
-        if args.warmup >= total:
-            print(f"note: --warmup {args.warmup} is not shorter than the run ({total} steps): the learning rate "
-                  f"never reaches --lr; pass a smaller --warmup for short runs")
+    if master:
+        print(f"{args.model}: r={args.rank} alpha={args.alpha:g} on {','.join(model.lora_config['targets'])} "
+              f"(scale {scale(args.alpha, args.rank, args.rslora):g}), {trainable_report(model)}")
+        print(f"{len(train_split):,} training examples ({train_split.data_format} format), {total:,} steps of "
+              f"{args.batch_size}, on {device} ({str(dtype).removeprefix('torch.')}), {world_size} process(es)")
 
-    def evaluate():
-        loss_sum, count = prepare.summed_loss(model, dev_split, args.batch_size, device,
-                                              limit=args.eval_examples, rank=run.rank,
-                                              world_size=run.world_size, autocast=autocast)
-        loss_sum, count = run.sum(loss_sum, count)
-        return loss_sum / count
-
-    def write_log():
-        with atomic_write(out / "log.jsonl") as f:
-            f.write("".join(json.dumps(line) + "\n" for line in log).encode())
+    def evaluate_and_save(step):
+        log[-1]["val_loss"] = round(dev_loss(model, dev_split, args.batch_size, device, args.eval_examples,
+                                             autocast), 6)
+        save_checkpoint(out, model, opt, step, args, log, train_split.data_format)
+        bar.write(f"step {step}: val loss {log[-1]['val_loss']:.4f}")
 
     model.train()
-    bar = tqdm(total=total, initial=start, desc="training", disable=not run.main, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="training", disable=not master, dynamic_ncols=True)
     step = start
-    val_loss = next((line["val_loss"] for line in reversed(log) if "val_loss" in line), None)
-    batches = global_batches(train_split, args)
     try:
-        for step, indices in batches:
+        if master and log and log[-1]["step"] == start and "val_loss" not in log[-1]:
+            evaluate_and_save(start)  # the run was stopped during this step's evaluation: do it now
+        for step, indices in batches(train_split, args):
             if step < start:
-                continue  # already done before the resume: skip without touching any RNG
+                continue  # done before the resume: skipped without touching any RNG
             if step >= total or (args.stop_after is not None and step >= args.stop_after):
                 break
             t0 = time.perf_counter()
             lr = lr_at(step, args.lr, args.warmup, total)
             for group in opt.param_groups:
                 group["lr"] = lr
-            # The global batch, cut into world_size x grad_accum pieces; this process takes its share. Each
-            # piece's summed loss is divided by the global number of targets, so the gradients add up to
-            # those of the mean loss over the whole batch, however it is split.
-            pieces = np.array_split(indices, run.world_size * args.grad_accum)[run.rank::run.world_size]
-            n_targets = prepare.target_count(train_split, indices)
-            loss_sum = 0.0
-            for piece in pieces:
-                if len(piece) == 0:
-                    continue
-                x, y = prepare.make_batch(train_split, piece)
-                with autocast:
-                    loss = loss_fn(x.to(device), y.to(device), label_smoothing=args.label_smoothing, reduction="sum")
-                scaler.scale(loss / n_targets).backward()
-                loss_sum += loss.item()
-            loss = run.sum(loss_sum)[0] / n_targets
-            if not math.isfinite(loss):
-                raise UserError(f"the loss became {loss} at step {step + 1}; the last good checkpoint in {out} "
-                                f"is intact. Try a lower --lr or --dtype fp32")
-            run.sum_grads(params)
+            # The global batch, cut into world_size x grad_accum pieces; this process takes its share. Each piece's
+            # mean loss is weighted by its share of the batch's targets, so the gradients add up to those of the
+            # mean loss over the whole batch, however it is split.
+            pieces = np.array_split(indices, world_size * args.grad_accum)[rank::world_size]
+            n_targets, loss_sum = target_count(train_split, indices), 0.0
+            for i, piece in enumerate(pieces):
+                x, y = make_batch(train_split, piece, pad_to=16 if args.compile else 1)
+                weight = target_count(train_split, piece) / n_targets
+                # DDP would average the gradients after every backward; only the last piece's needs it
+                sync = contextlib.nullcontext() if world_size == 1 or i == len(pieces) - 1 else ddp_model.no_sync()
+                with sync, autocast:
+                    _, loss = forward(x.to(device), y.to(device), label_smoothing=args.label_smoothing)
+                    scaler.scale(loss * weight * world_size).backward()
+                loss_sum += loss.item() * weight
+            if world_size > 1:
+                loss_sum = torch.tensor(loss_sum, device=device)
+                dist.all_reduce(loss_sum)
+                loss_sum = loss_sum.item()
+            if not math.isfinite(loss_sum):
+                saved = max([start] + [line["step"] for line in log if "val_loss" in line])
+                raise SystemExit(f"error: the loss became {loss_sum} at step {step + 1}; the last good checkpoint in "
+                                 f"{out} (step {saved}) is intact (nothing non-finite is ever saved). Try a lower "
+                                 f"--lr or --dtype fp32")
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
             n_tokens = int((train_split.lengths[indices] - 1).sum())  # all processes together, no padding
-            line = dict(step=step, loss=round(loss, 6), lr=lr,
-                        tokens_per_s=round(n_tokens / (time.perf_counter() - t0)))
-            if step % args.eval_interval == 0 or step == total:
-                val_loss = evaluate()
-                line["val_loss"] = round(val_loss, 6)
-            log.append(line)
+            log.append(dict(step=step, loss=round(loss_sum, 6), lr=lr,
+                            tokens_per_s=round(n_tokens / (time.perf_counter() - t0))))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=line["tokens_per_s"])
-            if run.main and "val_loss" in line:
-                save_checkpoint(out, model, opt, step, args)
-                write_log()
-                bar.write(f"step {step}: val loss {val_loss:.4f}")
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=log[-1]["tokens_per_s"])
+            if master and (step % args.eval_interval == 0 or step == total):
+                evaluate_and_save(step)
     except KeyboardInterrupt:
-        if run.main:
-            bar.write(f"interrupted: saving step {step} to {out} (continue with --resume)")
-    bar.close()
-    if run.main:
-        save_checkpoint(out, model, opt, step, args)
-        write_log()
-        if step == total and val_loss is not None:
-            print(f"done: {step} steps, final val loss {val_loss:.4f}")
+        if master:
+            bar.write(f"interrupted: saving step {step} to {out}; continue with the same command and --resume")
+            save_checkpoint(out, model, opt, step, args, log, train_split.data_format)
+        raise SystemExit(130) from None
+    finally:
+        bar.close()
+        if world_size > 1:
+            dist.destroy_process_group()
+    if master:
+        save_checkpoint(out, model, opt, step, args, log, train_split.data_format)
+        if step == total:
+            print(f"done: {step} steps, final val loss {log[-1]['val_loss']:.4f}")
         else:
             print(f"stopped at step {step} of {total}; continue with the same command and --resume")
         print(f"adapter: {out / 'adapter.safetensors'}")
-    if run.world_size > 1:
-        dist.destroy_process_group()
     return model
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

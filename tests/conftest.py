@@ -16,13 +16,13 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 def tokenizer_available():
     """Whether tiktoken's gpt2 files can be had: from ../shared (set above), its own cache, or the network."""
-    from checkpoint import UserError
-    from model import get_tokenizer
+
+    from data.e2e.prepare import get_tokenizer
 
     try:
         get_tokenizer()
         return True
-    except UserError:
+    except SystemExit:
         return False
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import write_hf_gpt2
 
-import analyze
-from analyze import delta_w, expected_random_grid, projection_norms, similarity_grid, w_delta_similarity
-from checkpoint import load_safetensors
 from lora import apply_lora, save_adapter
 from model import GPT
+from tools import analyze
+from tools.analyze import delta_w, expected_random_grid, projection_norms, similarity_grid, w_delta_similarity
+from tools.files import load_safetensors
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import bench
-from model import EOT
+from data.e2e.prepare import EOT
+from tools import bench
 
 
 def test_synthetic_split_has_e2e_like_lengths_and_batches():

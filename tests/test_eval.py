@@ -10,9 +10,13 @@ from conftest import write_e2e_csv
 
 import eval
 import lora
-import metrics
 from data.e2e import prepare
-from model import GPT, GPTConfig, beam_search, get_tokenizer
+from data.e2e.batches import dev_loss, load_split
+from data.e2e.prepare import get_tokenizer
+from model import GPT, GPTConfig
+from tools import metrics
+from tools.beam import beam_search
+from tools.loading import load_model
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
@@ -66,13 +70,13 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_smal
     assert len(lines) == 4
 
     # The same outputs straight from beam_search, with the paper's length penalty and 4-gram rule
-    model = lora.merge_lora(lora.load_model(adapter=adapter)).eval()
+    model = lora.merge_lora(load_model(adapter=adapter)).eval()
     base = GPT.from_pretrained(tiny_gpt2).eval()
     enc = get_tokenizer()
     items = prepare.load_mrs(e2e_small, "test")[:4]
-    prompts = [enc.encode_ordinary(prepare.format_prompt(mr)) for mr, _ in items]
+    prompts = [prepare.prompt_tokens(enc, item["mr"], "paper") for item in items]
     for line, prompt in zip(lines, prompts, strict=True):
-        tokens = beam_search(model, prompt, beam=2, max_new_tokens=8, length_penalty=0.9, no_repeat_ngram=4)
+        tokens = beam_search(model, prompt, beam=2, max_new_tokens=8, length_penalty=0.8, no_repeat_ngram=4)
         assert line == line.strip() and line.split() == enc.decode(tokens).split()
     # the adapter was applied: the base model alone says something else
     assert lines[0].split() != enc.decode(beam_search(base, prompts[0], beam=2, max_new_tokens=8)).split()
@@ -80,10 +84,10 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_smal
     records = [json.loads(line) for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(records) == 1
     record = records[0]
-    scores = metrics.score_all(lines, [refs for _, refs in items])
-    assert record["scores"] == scores
-    loss_sum, count = prepare.summed_loss(model, prepare.load_split(e2e_small, "dev"), 4, "cpu", limit=8)
-    assert record["val_loss"] == pytest.approx(loss_sum / count, rel=1e-6)
+    scores = metrics.score_all(lines, [item["format_refs"] for item in items])  # the paper's form of the refs
+    assert record["scores"] == scores and record["references"] == "paper"
+    assert metrics.score_all(lines, [item["refs"] for item in items]) != scores
+    assert record["val_loss"] == pytest.approx(dev_loss(model, load_split(e2e_small, "dev"), 4, "cpu", 8), rel=1e-6)
     assert (record["split"], record["mrs"], record["settings"]["beam"]) == ("test", 4, 2)
     assert record["predictions"] == str(out / "predictions_test.txt")
     assert record["base_model"] == str(tiny_gpt2) and record["lora"].startswith("r=2 alpha=4 on q,v")

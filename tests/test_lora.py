@@ -6,7 +6,6 @@ import struct
 import pytest
 import torch
 
-from checkpoint import UserError
 from lora import (
     LoRALinear,
     apply_lora,
@@ -16,10 +15,11 @@ from lora import (
     lora_state_dict,
     merge_lora,
     save_adapter,
-    trainable_report,
     unmerge_lora,
 )
-from model import GPT, PRETRAINED, GPTConfig
+from model import GPT, GPTConfig
+from tools.hf_checkpoint import PRETRAINED
+from tools.loading import trainable_report
 
 
 def random_b(model, seed=0, std=0.05):
@@ -86,7 +86,7 @@ def test_trainable_counts_match_the_formula_and_the_papers_budget():
 def test_trainable_report(tiny_gpt2):
     model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, targets=("q", "v"))
     lora = 2 * 4 * (64 + 64) * 2  # two matrices, r (in + out) each, two layers
-    total = model.num_params()
+    total = sum(p.numel() for p in model.parameters())
     assert trainable_report(model) == f"trainable {lora:,} of {total:,} ({100 * lora / total:.3f}%)"
 
 
@@ -199,22 +199,43 @@ def test_adapter_for_another_model_or_other_targets_is_refused(tiny_gpt2, tmp_pa
     path = tmp_path / "adapter.safetensors"
     save_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "v")), path)
     write_hf_gpt2(tmp_path / "wider", n_embd=96, n_head=4)
-    with pytest.raises(UserError, match="does not fit.*n_embd 64 vs 96"):
+    with pytest.raises(SystemExit, match="does not fit.*n_embd 64 vs 96"):
         load_adapter(GPT.from_pretrained(tmp_path / "wider"), path)
-    with pytest.raises(UserError, match="targets"):
+    with pytest.raises(SystemExit, match="targets"):
         load_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "k")), path)
-    with pytest.raises(UserError, match="rank"):
+    with pytest.raises(SystemExit, match="rank"):
         load_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), rank=8, targets=("q", "v")), path)
     not_adapter = tmp_path / "model.safetensors"
     not_adapter.write_bytes((tiny_gpt2 / "model.safetensors").read_bytes())
-    with pytest.raises(UserError, match="not a lora-gpt adapter"):
+    with pytest.raises(SystemExit, match="not a lora-gpt adapter"):
         load_adapter(GPT.from_pretrained(tiny_gpt2), not_adapter)
 
 
 def test_bad_targets_are_refused(tiny_gpt2):
-    with pytest.raises(UserError, match="unknown LoRA targets"):
+    with pytest.raises(SystemExit, match="unknown LoRA targets"):
         apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "x"))
     model = apply_lora(GPT.from_pretrained(tiny_gpt2))
-    with pytest.raises(UserError, match="already has LoRA"):
+    with pytest.raises(SystemExit, match="already has LoRA"):
         apply_lora(model)
     assert len(lora_layers(model)) == 2
+
+
+def test_merge_then_unmerge_forwards_as_never_merged_and_trains(tiny_gpt2):
+    """After merge and unmerge the layer is unmerged again: the update is added in forward (not skipped), and
+    gradients reach A and B."""
+    torch.manual_seed(0)
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, alpha=32, targets=("q", "v", "o"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(std=0.05)
+    idx = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
+    never, _ = model(idx)
+    merge_lora(model)
+    unmerge_lora(model)
+    again, _ = model(idx)
+    base, _ = GPT.from_pretrained(tiny_gpt2)(idx)
+    assert (again - never).abs().max().item() <= 1e-5 and (never - base).abs().max().item() > 1e-3
+    again.square().mean().backward()
+    grads = [p.grad for name, p in model.named_parameters() if ".lora." in name]
+    assert len(grads) == 2 * 3 * 2 and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -12,10 +12,10 @@ from conftest import train_tiny_adapter, write_hf_gpt2
 import lora
 import merge
 import sample
-from checkpoint import read_safetensors_header
 from data.e2e import prepare
 from lora import load_adapter
 from model import GPT
+from tools.files import read_safetensors_header
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 

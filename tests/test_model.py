@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import write_hf_gpt2
 
-from checkpoint import UserError
-from model import EOT, GPT, PRETRAINED, get_tokenizer, hf_state_dict
+from data.e2e.prepare import EOT, get_tokenizer
+from model import GPT
+from tools.hf_checkpoint import PRETRAINED, hf_state_dict
 
 SHAPES = [
     dict(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=128),  # the real vocabulary
@@ -27,7 +28,7 @@ def test_logits_match_transformers(tmp_path, shape):
     model = GPT.from_pretrained(tmp_path).eval()
     assert model.config.n_head == shape["n_head"] and model.config.block_size == shape["n_positions"]
     assert model.lm_head.weight is model.transformer.wte.weight  # tied: one matrix, counted once
-    assert model.num_params() == hf.num_parameters()
+    assert sum(p.numel() for p in model.parameters()) == hf.num_parameters()
     idx = torch.randint(0, shape["vocab_size"], (3, shape["n_positions"]), generator=torch.Generator().manual_seed(0))
     assert max_logit_diff(model, hf, idx) <= 1e-5
 
@@ -79,12 +80,12 @@ def test_bare_file_without_config_is_a_clear_error(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "weights.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(SystemExit, match="no config.json"):
         GPT.from_pretrained(bare / "weights.safetensors")
 
 
 def test_unknown_name_lists_the_four_models():
-    with pytest.raises(UserError) as err:
+    with pytest.raises(SystemExit) as err:
         GPT.from_pretrained("gpt3")
     assert all(name in str(err.value) for name in PRETRAINED)
 
@@ -94,38 +95,30 @@ def test_config_json_of_another_architecture_is_refused(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["activation_function"] = "relu"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="gelu_new"):
+    with pytest.raises(SystemExit, match="gelu_new"):
         GPT.from_pretrained(tmp_path)
 
 
-def test_loss_is_mean_cross_entropy_over_unmasked_targets(tiny_gpt2):
+def test_loss_is_label_smoothed_cross_entropy_over_unmasked_targets_only(tiny_gpt2):
+    """With targets, the head runs only where a target is: the logits returned are the full logits at those
+    positions, and the loss is (1 - eps) * NLL + eps * mean(-log p) over them, by hand."""
     model = GPT.from_pretrained(tiny_gpt2).eval()
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 50257, (2, 12), generator=g)
     targets = torch.randint(0, 50257, (2, 12), generator=g)
     targets[0, :5] = -1
     targets[1, 9:] = -1
-    logits, loss = model(idx, targets)
+    full, no_loss = model(idx)
     keep = targets != -1
-    expected = -torch.log_softmax(logits[keep], dim=-1).gather(1, targets[keep][:, None]).mean()
-    assert keep.sum() == 7 + 9 and abs(loss.item() - expected.item()) < 1e-5
-
-
-def test_training_loss_equals_forward_loss_and_its_gradient(tiny_gpt2):
-    """model.loss runs the head only where a target is; value and gradient equal forward's."""
-    model = GPT.from_pretrained(tiny_gpt2)
-    g = torch.Generator().manual_seed(7)
-    idx = torch.randint(0, 50257, (3, 10), generator=g)
-    targets = torch.randint(0, 50257, (3, 10), generator=g)
-    targets[:, :4] = -1
-    targets[2, 7:] = -1
-    for reduction in ("mean", "sum"):
-        _, full = model(idx, targets, label_smoothing=0.1, reduction=reduction)
-        (grad_full,) = torch.autograd.grad(full, model.transformer.h[0].attn.c_attn.weight)
-        fast = model.loss(idx, targets, label_smoothing=0.1, reduction=reduction)
-        (grad_fast,) = torch.autograd.grad(fast, model.transformer.h[0].attn.c_attn.weight)
-        assert abs(fast.item() - full.item()) <= 1e-5 * abs(full.item())
-        assert (grad_fast - grad_full).abs().max().item() <= 1e-6 * max(1.0, grad_full.abs().max().item())
+    for eps in (0.0, 0.1):
+        logits, loss = model(idx, targets, label_smoothing=eps)
+        log_p = torch.log_softmax(full[keep], dim=-1)
+        nll = -log_p.gather(1, targets[keep][:, None]).squeeze(1)
+        expected = ((1 - eps) * nll + eps * -log_p.mean(dim=-1)).mean()
+        assert no_loss is None and logits.shape == (7 + 9, 50257)
+        assert (logits - full[keep]).abs().max().item() <= 1e-5
+        assert abs(loss.item() - expected.item()) < 1e-5
+    assert abs(model(idx, targets, label_smoothing=0.1)[1].item() - model(idx, targets)[1].item()) > 1e-3
 
 
 def test_cache_in_chunks_equals_one_pass(tiny_gpt2):
@@ -181,7 +174,7 @@ def test_tokenizer():
 
 def test_hf_state_dict_is_the_exact_inverse_of_loading(tiny_gpt2):
     """Our weights written back in the Hugging Face layout are the file they came from, bit for bit."""
-    from checkpoint import load_safetensors
+    from tools.files import load_safetensors
 
     theirs, _ = load_safetensors(tiny_gpt2 / "model.safetensors")
     ours = hf_state_dict(GPT.from_pretrained(tiny_gpt2).state_dict())
@@ -189,25 +182,38 @@ def test_hf_state_dict_is_the_exact_inverse_of_loading(tiny_gpt2):
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 
-@pytest.mark.parametrize("rows", [1, 8, 20])
-@pytest.mark.parametrize("out_features", [12, 7])
-def test_cpu_linear_for_few_rows_equals_f_linear(rows, out_features):
-    """model.linear splits W's rows across threads for one-token steps; it must give F.linear's numbers
-    (with 2 threads, so that the split path runs; 20 rows take the plain path)."""
-    import torch.nn.functional as F
+def sampled_probs(monkeypatch, logits, **options):
+    """The distribution sample_next hands to torch.multinomial for these logits (1, vocab) and options."""
+    from model import sample_next
 
-    from model import linear
+    seen = []
 
-    g = torch.Generator().manual_seed(rows)
-    x, w = torch.randn(rows, 1, 16, generator=g), torch.randn(out_features, 16, generator=g)
-    b = torch.randn(out_features, generator=g)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.no_grad():
-            for bias in (b, None):
-                ours, theirs = linear(x, w, bias), F.linear(x, w, bias)
-                assert ours.shape == theirs.shape == (rows, 1, out_features)
-                assert (ours - theirs).abs().max().item() <= 1e-5
-    finally:
-        torch.set_num_threads(threads)
+    def record(probs, num_samples, generator=None):
+        seen.append(probs.clone())
+        return probs.argmax(dim=-1, keepdim=True)
+
+    monkeypatch.setattr(torch, "multinomial", record)
+    sample_next(torch.tensor([logits]), **options)
+    return seen[0][0].tolist()
+
+
+def test_sample_next_samples_from_the_hand_computed_distribution(monkeypatch):
+    """Temperature divides the logits once; top-k keeps the k best (and ties with the k-th); top-p keeps the
+    smallest set of best tokens whose probability reaches p: exactly p counts as reaching it."""
+    import math
+
+    logits = [math.log(p) for p in (0.5, 0.25, 0.125, 0.125)]
+    assert sampled_probs(monkeypatch, logits) == pytest.approx([0.5, 0.25, 0.125, 0.125])
+    # t = 2: softmax(log p / 2) is proportional to sqrt(p); t applied twice would give p ** (1 / 4)
+    roots = [math.sqrt(p) for p in (0.5, 0.25, 0.125, 0.125)]
+    assert sampled_probs(monkeypatch, logits, temperature=2.0) == pytest.approx([r / sum(roots) for r in roots])
+    assert sampled_probs(monkeypatch, logits, top_k=2) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert sampled_probs(monkeypatch, logits, top_k=3) == pytest.approx([0.5, 0.25, 0.125, 0.125])  # a tie at k
+    assert sampled_probs(monkeypatch, logits, top_p=0.5) == pytest.approx([1, 0, 0, 0])  # 0.5 reaches 0.5
+    assert sampled_probs(monkeypatch, logits, top_p=0.6) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert sampled_probs(monkeypatch, logits, top_p=0.75) == pytest.approx([2 / 3, 1 / 3, 0, 0])
+    assert sampled_probs(monkeypatch, logits, top_p=0.9) == pytest.approx([0.5, 0.25, 0.125, 0.125])
+    # a confident model: its top token alone is above top_p, and it must stay (never an empty set)
+    confident = [math.log(p) for p in (0.05, 0.9, 0.05)]
+    assert sampled_probs(monkeypatch, confident, top_p=0.5) == pytest.approx([0, 1, 0])
+    assert sampled_probs(monkeypatch, confident, top_p=0.5, temperature=0.5) == pytest.approx([0, 1, 0])

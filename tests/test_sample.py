@@ -6,8 +6,10 @@ from conftest import train_tiny_adapter, write_hf_gpt2
 
 import sample
 from data.e2e import prepare
+from data.e2e.prepare import EOT, get_tokenizer
 from lora import load_adapter
-from model import EOT, GPT, beam_search, get_tokenizer
+from model import GPT
+from tools.beam import beam_search
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
@@ -85,8 +87,8 @@ def test_mr_feeds_the_model_the_prompt_tokens_of_training(tiny_gpt2, monkeypatch
 
     monkeypatch.setattr(GPT, "generate", spy)
     run("--model", tiny_gpt2, "--mr", MR, "--greedy", "--max_new_tokens", 4)
-    example, prompt_len = prepare.tokenize_example(get_tokenizer(), MR, "any reference")
-    assert seen == [example[:prompt_len]]  # the tokens training put before the completion: 'MR ||'
+    example, prompt_len = prepare.example_tokens(get_tokenizer(), MR, "any reference", "paper")
+    assert seen == [example[:prompt_len]]  # the tokens training put before the completion: context + EOT
 
 
 def test_adapter_brings_its_base_model_from_its_metadata(tiny_gpt2, adapter):
@@ -131,3 +133,22 @@ def test_mistakes_are_one_line_errors(case, tiny_gpt2, small_gpt2, adapter, tmp_
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message
     assert expected in message
+
+
+def test_several_adapters_are_each_sampled_as_if_loaded_alone(tiny_gpt2, adapter, tmp_path, capsys):
+    from tools.peft_adapter import export
+
+    inn = get_tokenizer().encode_ordinary(" inn")
+    other = train_tiny_adapter(tiny_gpt2, tmp_path / "inn.safetensors", targets=("o", "mlp"), steps=20, label=inn[0])
+    peft = export(adapter, tmp_path / "peft")  # the ' pub' adapter as a PEFT folder
+    common = ["--prompt", PROMPT, "--greedy", "--max_new_tokens", 5]
+    alone = {str(path): run("--adapter", path, *common) for path in (adapter, other, peft)}
+    capsys.readouterr()
+    together = run("--adapter", adapter, other, peft, *common)
+    assert together == alone
+    assert together[str(other)] == [" inn" * 5] and together[str(peft)] == [" pub" * 5]
+    printed = capsys.readouterr().out
+    for path in (adapter, other, peft):
+        assert f"=== adapter {path}: " in printed and f"--- greedy ---\n{alone[str(path)][0]}\n" in printed
+    assert printed.index(f"=== adapter {adapter}") < printed.index(f"=== adapter {other}") < printed.index(
+        f"=== adapter {peft}")

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-import sweep
+from tools import sweep
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 

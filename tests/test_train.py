@@ -11,6 +11,7 @@ import torch
 
 import train
 from data.e2e import prepare
+from data.e2e.batches import dev_loss, load_split
 from lora import lora_state_dict
 from model import GPT
 
@@ -30,14 +31,13 @@ def read_log(out):
 
 def test_thirty_steps_lower_the_dev_loss_and_leave_the_base_untouched(tiny_gpt2, e2e_small, tmp_path):
     base = GPT.from_pretrained(tiny_gpt2)
-    dev = prepare.load_split(e2e_small, "dev")
-    loss_sum, count = prepare.summed_loss(base, dev, 8, "cpu", limit=32)
+    base_loss = dev_loss(base, load_split(e2e_small, "dev"), 8, "cpu", limit=32)
     model = train.train(train.parse_args(args_for(tiny_gpt2, e2e_small, tmp_path / "run",
                                                   "--max_iters", "30", "--eval_interval", "10")))
     log = read_log(tmp_path / "run")
     assert [line["step"] for line in log] == list(range(1, 31))
     assert [line["step"] for line in log if "val_loss" in line] == [10, 20, 30]
-    assert log[-1]["val_loss"] < loss_sum / count - 0.05  # the LoRA update has learned something
+    assert log[-1]["val_loss"] < base_loss - 0.05  # the LoRA update has learned something
     lora = lora_state_dict(model)
     assert all(torch.equal(p, model.state_dict()[n]) for n, p in base.state_dict().items())
     assert any(p.abs().sum() > 0 for n, p in lora.items() if n.endswith("lora_B"))
@@ -107,3 +107,46 @@ def test_missing_data_without_network_is_one_clear_line(tiny_gpt2, tmp_path, mon
         train.main(args_for(tiny_gpt2, tmp_path / "no_data", tmp_path / "run", "--max_iters", "1"))
     message = str(err.value)
     assert message.startswith("error: could not download http://127.0.0.1:9/trainset.csv") and "\n" not in message
+
+
+def test_the_logged_loss_is_the_label_smoothed_loss_of_the_step_batch(tiny_gpt2, e2e_small, tmp_path):
+    """Step 1 runs on the base model (B = 0, no dropout): its logged loss is the label-smoothed cross-entropy of
+    the first batch, computed here by hand from the logits; --label_smoothing 0 logs the plain one."""
+    from data.e2e.batches import batch_order, make_batch
+
+    split = load_split(e2e_small, "train")
+    x, y = make_batch(split, batch_order(split, 4, 1337, 0)[0])
+    logits, _ = GPT.from_pretrained(tiny_gpt2)(x)
+    log_p = torch.log_softmax(logits[y != -1], dim=-1)
+    nll = -log_p.gather(1, y[y != -1][:, None]).squeeze(1)
+    for eps in (0.1, 0.0):
+        out = tmp_path / f"ls{eps}"
+        train.main(args_for(tiny_gpt2, e2e_small, out, "--max_iters", "1", "--dropout", "0", "--eval_examples", "4",
+                            "--label_smoothing", str(eps)))
+        expected = ((1 - eps) * nll + eps * -log_p.mean(dim=-1)).mean().item()
+        assert abs(read_log(out)[0]["loss"] - expected) <= 2e-5
+
+
+def test_learning_rate_schedule_warmup_then_linear_decay(tiny_gpt2, e2e_small, tmp_path):
+    """lr_at by hand: (step + 1) / (warmup + 1) of the peak while warming up, the peak at the end of warmup,
+    then linear to zero; and the lr each step logs is lr_at's."""
+    assert train.lr_at(0, 1e-3, 10, 100) == pytest.approx(1e-3 / 11)
+    assert train.lr_at(9, 1e-3, 10, 100) == pytest.approx(1e-3 * 10 / 11)
+    assert train.lr_at(10, 1e-3, 10, 100) == pytest.approx(1e-3)
+    assert train.lr_at(55, 1e-3, 10, 100) == pytest.approx(0.5e-3)
+    assert train.lr_at(99, 1e-3, 10, 100) == pytest.approx(1e-3 / 90)
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--max_iters", "6", "--eval_interval", "6",
+                        "--eval_examples", "4"))
+    assert [line["lr"] for line in read_log(tmp_path / "run")] == pytest.approx(
+        [1e-2 / 4, 2e-2 / 4, 3e-2 / 4, 1e-2, 1e-2 * 2 / 3, 1e-2 / 3])
+
+
+def test_grad_accum_2_gives_the_grad_accum_1_losses(tiny_gpt2, e2e_small, tmp_path):
+    """Each piece's mean loss is weighted by its share of the batch's targets: two pieces of unequal target
+    counts make the same step as one."""
+    common = ["--max_iters", "4", "--eval_interval", "4", "--dropout", "0", "--eval_examples", "8"]
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "one", *common))
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "two", *common, "--grad_accum", "2"))
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True)) <= 1e-5
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5

@@ -2,8 +2,8 @@
 
 Two questions, two commands:
 
-    python analyze.py similarity A.safetensors B.safetensors  # 7.2: do two adapters learn the same things?
-    python analyze.py deltaw A.safetensors                     # 7.3: how does Delta W relate to W?
+    python -m tools.analyze similarity A.safetensors B.safetensors  # 7.2: do two adapters learn the same things?
+    python -m tools.analyze deltaw A.safetensors                     # 7.3: how does Delta W relate to W?
 
 Read it top to bottom: subspace similarity (eq. 4, Figures 3, 4, 6, 7) -> Delta W against W (Table 7,
 Figure 8, the amplification factor of appendix H) -> reading adapter files and base weights -> plots
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import checkpoint
 import lora
-from checkpoint import UserError
 from model import GPT
+from tools import files as checkpoint
+from tools import peft_adapter
 
 # ----------------------------------------------------------------------------------------------------------
 # Section 7.2: subspace similarity between two adapters' A matrices.
@@ -64,7 +64,7 @@ def grid_from_directions(U1, U2):
 def similarity_grid(A1, A2):
     """The r1 x r2 array of phi(A1, A2, i, j) (eq. 4) for i = 1..r1 (rows) and j = 1..r2 (columns)."""
     if A1.shape[1] != A2.shape[1]:
-        raise UserError(f"A matrices act on different input sizes ({A1.shape[1]} vs {A2.shape[1]})")
+        raise SystemExit(f"error: A matrices act on different input sizes ({A1.shape[1]} vs {A2.shape[1]})")
     return grid_from_directions(right_singular_vectors(A1), right_singular_vectors(A2))
 
 
@@ -100,7 +100,7 @@ def delta_w(tensors, layer, projection, scale):
     try:
         A, B = tensors[prefix + ".lora_A"], tensors[prefix + ".lora_B"]
     except KeyError:
-        raise UserError(f"the adapter has no update for {projection} in layer {layer}") from None
+        raise SystemExit(f"error: the adapter has no update for {projection} in layer {layer}") from None
     return scale * (B.float() @ A.float())
 
 
@@ -129,7 +129,7 @@ def projection_norms(delta, W, r, seed=0):
     """
     delta, W = torch.as_tensor(delta).double(), torch.as_tensor(W).double()
     if delta.shape != W.shape:
-        raise UserError(f"Delta W has shape {tuple(delta.shape)} but W has {tuple(W.shape)}")
+        raise SystemExit(f"error: Delta W has shape {tuple(delta.shape)} but W has {tuple(W.shape)}")
     g = torch.Generator().manual_seed(seed)
     random = torch.randn(tuple(W.shape), generator=g, dtype=torch.float64)
     references = {"delta": delta, "w": W, "random": random}
@@ -204,10 +204,15 @@ def adapter_scale(config):
 
 
 def load_adapter_file(path):
-    """(tensors, config) of an adapter file; UserError when it is missing or not an adapter."""
-    config = lora.lora_config(path)  # refuses files without adapter metadata
-    tensors, _ = checkpoint.load_safetensors(path)
-    return tensors, config
+    """(tensors, config) of an adapter file, or of a PEFT LoRA folder under our names (its c_attn as q, k, v);
+    a one-line error when it is missing or not an adapter."""
+    return peft_adapter.read_adapter(path)  # refuses files without adapter metadata
+
+
+def shape_differences(theirs, ours):
+    """'n_embd 64 vs 32, ...' for the shape entries that differ (a PEFT adapter may leave some unknown: None)."""
+    return ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in ours.items()
+                     if None not in (theirs[k], v) and theirs[k] != v)
 
 
 def adapted_projections(tensors, path="adapter"):
@@ -219,7 +224,7 @@ def adapted_projections(tensors, path="adapter"):
             continue
         match = LORA_A_NAME.fullmatch(name)
         if match is None or (match[2], match[3]) not in by_module:
-            raise UserError(f"{path} holds a tensor this tool does not know: {name}")
+            raise SystemExit(f"error: {path} holds a tensor this tool does not know: {name}")
         found.add((int(match[1]), by_module[match[2], match[3]]))
     order = list(PROJECTIONS)
     return sorted(found, key=lambda item: (item[0], order.index(item[1])))
@@ -251,7 +256,7 @@ def parse_targets(text):
         names = ["mlp_fc", "mlp_proj"] if word == "mlp" else [word]
         for name in names:
             if name not in PROJECTIONS:
-                raise UserError(f"unknown --target {word!r}: choose from q, k, v, o, mlp, mlp_fc, mlp_proj")
+                raise SystemExit(f"error: unknown --target {word!r}: choose from q, k, v, o, mlp, mlp_fc, mlp_proj")
             chosen.append(name)
     return chosen
 
@@ -263,21 +268,21 @@ def parse_layer(text, n_layer):
     try:
         layer = int(text)
     except ValueError:
-        raise UserError(f"--layer must be a number or 'all', got {text!r}") from None
+        raise SystemExit(f"error: --layer must be a number or 'all', got {text!r}") from None
     if not 0 <= layer < n_layer:
-        raise UserError(f"--layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
+        raise SystemExit(f"error: --layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
     return [layer]
 
 
 def select(pairs, layers, targets):
-    """The (layer, projection) pairs asked for; UserError if a requested projection was not adapted."""
+    """The (layer, projection) pairs asked for; a one-line error if a requested projection was not adapted."""
     if targets is not None:
         missing = sorted(set(targets) - {p for _, p in pairs})
         if missing:
-            raise UserError(f"the adapter has no updates on {', '.join(missing)}")
+            raise SystemExit(f"error: the adapter has no updates on {', '.join(missing)}")
     chosen = [(layer, p) for layer, p in pairs if layer in layers and (targets is None or p in targets)]
     if not chosen:
-        raise UserError("nothing to analyse: no adapted projection in the chosen layers")
+        raise SystemExit("error: nothing to analyse: no adapted projection in the chosen layers")
     return chosen
 
 
@@ -334,10 +339,9 @@ def run_similarity(args):
     """Section 7.2 on two adapter files: a table of phi per layer and projection, and heatmaps."""
     tensors1, config1 = load_adapter_file(args.adapter1)
     tensors2, config2 = load_adapter_file(args.adapter2)
-    if config1["shape"] != config2["shape"]:
-        differ = ", ".join(f"{k} {config1['shape'][k]} vs {v}" for k, v in config2["shape"].items()
-                           if config1["shape"][k] != v)
-        raise UserError(f"the two adapters are for models of different shapes ({differ})")
+    differ = shape_differences(config1["shape"], config2["shape"])
+    if differ:
+        raise SystemExit(f"error: the two adapters are for models of different shapes ({differ})")
     if config1["base_model"] != config2["base_model"]:
         print(f"note: the adapters were trained from different base models "
               f"({config1['base_model']} and {config2['base_model']})")
@@ -345,7 +349,7 @@ def run_similarity(args):
     pairs2 = set(adapted_projections(tensors2, args.adapter2))
     shared = [pair for pair in pairs1 if pair in pairs2]
     if not shared:
-        raise UserError("the two adapters update no projection in common")
+        raise SystemExit("error: the two adapters update no projection in common")
     chosen = select(shared, parse_layer(args.layer, config1["shape"]["n_layer"]), parse_targets(args.target))
     plots = have_matplotlib()
     r1, r2 = config1["rank"], config2["rank"]
@@ -377,11 +381,9 @@ def run_deltaw(args):
                     parse_layer(args.layer, config["shape"]["n_layer"]), None)
     name = args.model or config["base_model"]
     model = GPT.from_pretrained(name)
-    ours = {key: getattr(model.config, key) for key in lora.SHAPE_KEYS}
-    if ours != config["shape"]:
-        theirs = config["shape"]
-        differ = ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in ours.items() if theirs[k] != v)
-        raise UserError(f"{args.adapter} does not fit the model {name} ({differ})")
+    differ = shape_differences(config["shape"], {key: getattr(model.config, key) for key in lora.SHAPE_KEYS})
+    if differ:
+        raise SystemExit(f"error: {args.adapter} does not fit the model {name} ({differ})")
     r, scale = config["rank"], adapter_scale(config)
     plots = have_matplotlib()
     print(f"Delta W = {scale:g} * B A of {args.adapter} (r={r}) against W of {name}\n"
@@ -441,10 +443,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Speed and memory of lora-gpt against transformers + PEFT, side by side, in one run on the same weights.
 
-    python bench.py                          # sections 1-4 on CPU (under 10 minutes on 2 cores)
-    python bench.py --quick                  # fewer repeats and 16 new tokens: a smoke test
-    python bench.py --sections 1 3           # some sections only
-    python bench.py --device cuda --compile  # on a GPU: bf16 autocast, plus section 5 (MFU, E2E epoch time)
+    python -m tools.bench                          # sections 1-4 on CPU (under 10 minutes on 2 cores)
+    python -m tools.bench --quick                  # fewer repeats and 16 new tokens: a smoke test
+    python -m tools.bench --sections 1 3           # some sections only
+    python -m tools.bench --device cuda --compile  # on a GPU: bf16 autocast, plus section 5 (MFU, E2E epoch time)
 
 Sections: 1. a LoRA training step (ours vs GPT2LMHeadModel + PEFT LoRA): tokens/s and peak memory;
 2. peak memory of LoRA vs full fine-tuning on the GPT-2 medium shape; 3. greedy generation (our KV cache vs our
@@ -17,7 +17,7 @@ How it measures, so that the ratios mean something:
     lengths; our loss ignores the prompt and the padding (targets -1), PEFT's is given -100 there;
   - the sides alternate (A B, then B A, ...) in the same process after untimed warm-up calls, and every figure
     is a median of several; a ratio is the median of the per-round ratios;
-  - memory is measured in a fresh child process per side (python bench.py --_child ...), so the sides cannot
+  - memory is measured in a fresh child process per side (python -m tools.bench --_child ...), so the sides cannot
     inflate each other's figures (see MemoryProbe).
 
 Only this script needs transformers and peft (requirements-dev.txt); the project never imports them.
@@ -43,12 +43,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import UserError
-from data.e2e import prepare
+from data.e2e import batches, prepare
+from data.e2e.prepare import EOT
 from lora import apply_lora, lora_state_dict, merge_lora
-from model import EOT, GPT, PRETRAINED
+from model import GPT
+from tools.hf_checkpoint import PRETRAINED
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"  # the read-only E2E CSVs and tiktoken files, where present
 BATCH_SIZE = 8
 N_BATCHES = 16  # distinct training batches, reused round-robin by the timed steps
@@ -72,7 +73,7 @@ def synthetic_split(n_examples, seed=0):
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = rng.integers(0, EOT, int(offsets[-1])).astype(np.uint16)
     tokens[offsets[1:] - 1] = EOT
-    return prepare.Split(tokens=tokens, offsets=offsets, prompt_lens=prompt_lens.astype(np.int32))
+    return batches.Split(tokens=tokens, offsets=offsets, prompt_lens=prompt_lens.astype(np.int32))
 
 
 def hf_labels(targets):
@@ -247,7 +248,7 @@ def quiet_transformers():
         import peft
         import transformers
     except ImportError as e:
-        raise UserError(f"bench.py compares against transformers and peft ({e.name} is missing): "
+        raise SystemExit(f"error: bench.py compares against transformers and peft ({e.name} is missing): "
                         f"pip install -r requirements-dev.txt") from None
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -285,14 +286,14 @@ class OurTrainer:
         self.model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
-        self.loss_fn = torch.compile(self.model.loss) if compile else self.model.loss
+        self.forward = torch.compile(self.model) if compile else self.model
         self.device, self.autocast = device, autocast_for(device, bf16)
 
     def step(self, batch):
         """One optimizer step on batch; returns the loss (mean over its targets)."""
         x, y = batch["x"].to(self.device), batch["y"].to(self.device)
         with self.autocast:
-            loss = self.loss_fn(x, y, label_smoothing=LABEL_SMOOTHING, reduction="sum") / batch["n_targets"]
+            _, loss = self.forward(x, y, label_smoothing=LABEL_SMOOTHING)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -351,22 +352,22 @@ def e2e_split(workdir):
             os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
         try:
             prepare.prepare(workdir, source=csv.parent, splits=("dev",))
-            return prepare.load_split(workdir, "dev"), "E2E dev set"
-        except UserError as e:
+            return batches.load_split(workdir, "dev"), "E2E dev set"
+        except SystemExit as e:
             print(f"(E2E dev set not usable: {e}; using synthetic lengths)")
     return synthetic_split(4672), "synthetic E2E-like lengths"
 
 
 def make_batches(split, n_batches, batch_size, seed=0):
     """n_batches random batches of the split, as train.py draws them (no length bucketing): dicts of x, y
-    (prepare.make_batch), the attention mask, the number of targets and of real (non-padding) input tokens."""
-    batches = []
-    for indices in prepare.batch_order(split, batch_size, seed, epoch=0)[:n_batches]:
-        x, y = prepare.make_batch(split, indices)
+    (batches.make_batch), the attention mask, the number of targets and of real (non-padding) input tokens."""
+    made = []
+    for indices in batches.batch_order(split, batch_size, seed, epoch=0)[:n_batches]:
+        x, y = batches.make_batch(split, indices)
         lengths = split.lengths[indices] - 1  # input tokens per row: the example without its last token
-        batches.append(dict(x=x, y=y, mask=attention_mask(lengths, x.size(1)), lengths=lengths,
-                            n_targets=prepare.target_count(split, indices), n_tokens=int(lengths.sum())))
-    return batches
+        made.append(dict(x=x, y=y, mask=attention_mask(lengths, x.size(1)), lengths=lengths,
+                         n_targets=batches.target_count(split, indices), n_tokens=int(lengths.sum())))
+    return made
 
 
 def same_length_prompts(split, count):
@@ -375,7 +376,7 @@ def same_length_prompts(split, count):
     length = Counter(split.prompt_lens.tolist()).most_common(1)[0][0]
     prompts, seen = [], set()
     for i in np.flatnonzero(split.prompt_lens == length):
-        tokens, _ = split.example(int(i))
+        tokens = split.tokens[split.offsets[i]:split.offsets[i + 1]].astype(np.int64)
         key = tuple(tokens[:length])
         if key not in seen:
             seen.add(key)
@@ -422,7 +423,7 @@ def measure_memory_in_child(ws, side, shape, steps):
     """Peak memory of `steps` training steps of one side, in a fresh process (see child_main)."""
     spec = dict(side=side, folder=str(ws.checkpoint(shape)), batches=str(ws.batch_file()), steps=steps,
                 device=ws.device, bf16=ws.bf16, threads=torch.get_num_threads())
-    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--_child", json.dumps(spec)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "tools.bench", "--_child", json.dumps(spec)], cwd=ROOT,
                           capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -773,15 +774,12 @@ def main(argv=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores)
     start = time.perf_counter()
-    try:
-        quiet_transformers()
-        print(f"lora-gpt bench | {machine_line(args.device, torch.get_num_threads())}")
-        with tempfile.TemporaryDirectory(prefix="lora-gpt-bench-") as tmp:
-            ws = Workspace(args, tmp)
-            for number_ in sorted(set(args.sections)):
-                print_section(*SECTIONS[number_](ws))
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    quiet_transformers()
+    print(f"lora-gpt bench | {machine_line(args.device, torch.get_num_threads())}")
+    with tempfile.TemporaryDirectory(prefix="lora-gpt-bench-") as tmp:
+        ws = Workspace(args, tmp)
+        for number_ in sorted(set(args.sections)):
+            print_section(*SECTIONS[number_](ws))
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
 
 

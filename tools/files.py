@@ -32,10 +32,6 @@ import torch
 from tqdm import tqdm
 
 
-class UserError(Exception):
-    """A mistake a user can make (a missing or broken file, no network); scripts print it as one line."""
-
-
 def cache_dir() -> Path:
     """The folder for downloaded weights and data: $LORA_GPT_CACHE if set, else ~/.cache/lora-gpt."""
     override = os.environ.get("LORA_GPT_CACHE")
@@ -88,7 +84,7 @@ def atomic_dir(path) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists():
-        raise UserError(f"{path} already exists")
+        raise SystemExit(f"error: {path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, ".tmpdir")
     tmp.mkdir()
@@ -97,7 +93,7 @@ def atomic_dir(path) -> Iterator[Path]:
         # Checked again: something may have created `path` while the body ran, and on POSIX a rename
         # onto an existing empty folder would silently replace it.
         if path.exists():
-            raise UserError(f"{path} already exists")
+            raise SystemExit(f"error: {path} already exists")
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -130,9 +126,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
-def _bad(path, detail: str) -> UserError:
+def _bad(path, detail: str) -> SystemExit:
     """The one error for a malformed file; it names the file so the user knows which one to replace."""
-    return UserError(f"{path} is not a valid safetensors file: {detail}")
+    return SystemExit(f"error: {path} is not a valid safetensors file: {detail}")
 
 
 def _is_count(x) -> bool:
@@ -224,7 +220,7 @@ def _open_for_reading(path) -> BinaryIO:
     try:
         return open(path, "rb")
     except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+        raise SystemExit(f"error: cannot read {path}: {err.strerror or err}") from None
 
 
 def read_safetensors_header(path) -> tuple[dict, dict[str, str]]:
@@ -244,7 +240,7 @@ def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     no more memory than the tensors themselves and nothing keeps the file open afterwards.
     """
     if sys.byteorder != "little":  # the format is little-endian; we do not byte-swap
-        raise UserError("reading safetensors files needs a little-endian machine")
+        raise SystemExit("error: reading safetensors files needs a little-endian machine")
     tensors = {}
     with _open_for_reading(path) as f:
         entries, metadata, data_start = _parse_header(path, f, os.fstat(f.fileno()).st_size)
@@ -396,8 +392,8 @@ def download(url: str, dest, desc: str | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
-    def failed(reason: str) -> UserError:
-        return UserError(f"could not download {url} ({reason}); download it by hand and put it at {dest}")
+    def failed(reason: str) -> SystemExit:
+        return SystemExit(f"error: could not download {url} ({reason}); download it by hand and put it at {dest}")
 
     for attempt in range(2):
         try:

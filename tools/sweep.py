@@ -1,10 +1,10 @@
 """The LoRA paper's sweeps, one command each: train one adapter per setting, evaluate it, write a table.
 
-    python sweep.py ranks --ranks 1 2 4 8 16 64                  # Table 18: r on Wq, Wv
-    python sweep.py targets                                      # Table 5: Wq / Wk / Wv / Wo at r=8,
+    python -m tools.sweep ranks --ranks 1 2 4 8 16 64                  # Table 18: r on Wq, Wv
+    python -m tools.sweep targets                                      # Table 5: Wq / Wk / Wv / Wo at r=8,
                                                                  # {Wq,Wk} / {Wq,Wv} at r=4, all four at r=2
-    python sweep.py targets --grid q:8 q,v:4 q,k,v,o:2 q,v:64    # any grid (Table 6)
-    python sweep.py ranks --ranks 1 4 -- --max_iters 200 --model gpt2   # after --: passed to train.py
+    python -m tools.sweep targets --grid q:8 q,v:4 q,k,v,o:2 q,v:64    # any grid (Table 6)
+    python -m tools.sweep ranks --ranks 1 4 -- --max_iters 200 --model gpt2   # after --: passed to train.py
 
 Every setting trains with the same seed, data and steps (train.py run by itself, so a run is exactly what
 `python train.py ...` gives), then eval.py scores it. Each run lives in its own folder under --out; a sweep
@@ -21,10 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from checkpoint import UserError, atomic_write, read_safetensors_header
 from data.e2e import prepare
+from tools.files import atomic_write, read_safetensors_header
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
 TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
 COLUMNS = ["setting", "targets", "rank", "trainable", "val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
 PERCENT = {"BLEU", "METEOR", "ROUGE_L"}  # printed x100, as the paper does
@@ -67,7 +67,7 @@ def settings(args):
     for item in args.grid:
         targets, _, rank = item.partition(":")
         if not rank.isdigit() or not targets:
-            raise UserError(f"--grid wants TARGETS:RANK such as q,v:4, got {item!r}")
+            raise SystemExit(f"error: --grid wants TARGETS:RANK such as q,v:4, got {item!r}")
         grid.append((f"{targets.replace(',', '')}_r{rank}", targets.split(","), int(rank)))
     return grid
 
@@ -77,7 +77,7 @@ def run_script(script, script_args):
     command = [sys.executable, str(ROOT / script), *script_args]
     print("$ " + " ".join(command[1:]), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise UserError(f"{script} failed (its error is above); finished runs are kept, run the sweep again "
+        raise SystemExit(f"error: {script} failed (its error is above); finished runs are kept, run the sweep again "
                         "to continue")
 
 
@@ -161,11 +161,7 @@ def write_tables(out, rows):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return sweep(args)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    return sweep(parse_args(argv))
 
 
 if __name__ == "__main__":

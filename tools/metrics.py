@@ -60,8 +60,6 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import UserError
-
 # ---------------------------------------------------------------------------------------------------------
 # BLEU and NIST: pymteval (measure_scores.py -p)
 # ---------------------------------------------------------------------------------------------------------
@@ -452,11 +450,11 @@ def score_all(hyps: list[str], refs: list[list[str]], with_meteor=True) -> dict[
 
 
 def _check_inputs(hyps, refs) -> None:
-    """UserError unless there is one list of at least one reference string per hypothesis string."""
+    """A one-line error unless there is one list of at least one reference string per hypothesis string."""
     if len(hyps) != len(refs):
-        raise UserError(f"{len(hyps)} hypotheses but {len(refs)} reference lists: need one per hypothesis")
+        raise SystemExit(f"error: {len(hyps)} hypotheses but {len(refs)} reference lists: need one per hypothesis")
     if not hyps:
-        raise UserError("nothing to score: no hypotheses")
+        raise SystemExit("error: nothing to score: no hypotheses")
     for i, (hyp, hyp_refs) in enumerate(zip(hyps, refs, strict=True)):
         if not isinstance(hyp, str) or isinstance(hyp_refs, str) or not hyp_refs:
-            raise UserError(f"item {i}: need a hypothesis string and a non-empty list of reference strings")
+            raise SystemExit(f"error: item {i}: need a hypothesis string and a non-empty list of reference strings")

@@ -1,0 +1,150 @@
+"""GPT-2 checkpoints in OpenAI's / Hugging Face's layout: finding, downloading, reading and writing them.
+
+model.py's from_pretrained calls read() and does the two things a student should see (the Conv1D transpose and
+the tied head); everything here is file plumbing:
+- the four released checkpoints by name, downloaded once into the cache folder;
+- a folder with model.safetensors (+ an optional config.json), or a bare .safetensors file;
+- names with or without the 'transformer.' prefix, the old attention-mask buffers dropped, every name and shape
+  checked against the config, so a wrong file is a one-line error and not a traceback from load_state_dict;
+- hf_state_dict / hf_config: the exact inverse, for writing a checkpoint transformers loads (merge.py).
+"""
+
+import json
+from pathlib import Path
+
+from tools import files
+
+# The four checkpoints OpenAI released, by their Hugging Face names.
+PRETRAINED = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M parameters
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 355M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+RELEASED_SHAPE = dict(vocab_size=50257, block_size=1024)  # what all four share
+HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+
+# OpenAI's code stored these four weights as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hub_file(name):
+    """Where a released checkpoint lives once downloaded (it need not be there yet)."""
+    return files.cache_dir() / name / "model.safetensors"
+
+
+def locate(name_or_path):
+    """(model.safetensors path, config.json path or None), downloading a released model when needed."""
+    if name_or_path in PRETRAINED:
+        file = files.download(HUB_URL.format(name=name_or_path), hub_file(name_or_path),
+                              desc=f"{name_or_path} weights")
+        return file, None
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise SystemExit(f"error: {path} has no model.safetensors")
+        config = path / "config.json"
+        return path / "model.safetensors", config if config.is_file() else None
+    if path.is_file():
+        config = path.parent / "config.json"
+        return path, config if config.is_file() else None
+    raise SystemExit(f"error: unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)}, "
+                     f"or a folder or .safetensors file")
+
+
+def read(name_or_path):
+    """(tensors, shape) of a GPT-2 checkpoint: fp32 tensors under our names in OpenAI's layout (Conv1D weights
+    still (in, out), no lm_head), and shape = dict(n_layer, n_head, n_embd, vocab_size, block_size)."""
+    path, config_file = locate(str(name_or_path))
+    raw, _ = files.load_safetensors(path)
+    tensors = {}
+    for name, tensor in raw.items():
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # the causal mask that old code stored as a buffer; the head, tied to wte (checked below)
+        tensors[name if name.startswith("transformer.") else "transformer." + name] = tensor.float().contiguous()
+    head, wte = raw.get("lm_head.weight"), tensors.get("transformer.wte.weight")
+    if head is not None and wte is not None and not head.float().equal(wte):
+        raise SystemExit(f"error: {path}: lm_head is not tied to wte; GPT-2 ties them")
+    shape = _read_shape(config_file, tensors, str(name_or_path), path)
+    expected = expected_shapes(**shape)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise SystemExit(f"error: {path} is not a GPT-2 checkpoint of this shape: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise SystemExit(f"error: {path}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+    return tensors, shape
+
+
+def expected_shapes(n_layer, n_head, n_embd, vocab_size, block_size):
+    """{name: shape} of every tensor a GPT-2 checkpoint holds, in OpenAI's layout."""
+    C = n_embd
+    shapes = {"transformer.wte.weight": (vocab_size, C), "transformer.wpe.weight": (block_size, C),
+              "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
+    for i in range(n_layer):
+        layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                 "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+                 "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+                 "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
+                 "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
+        shapes.update({f"transformer.h.{i}.{name}": s for name, s in layer.items()})
+    return shapes
+
+
+def _read_shape(config_file, tensors, name_or_path, path):
+    """The model's shape from config.json, else from the table of the four released models."""
+    if config_file is not None:
+        try:
+            hf = json.loads(Path(config_file).read_text())
+            if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function") != "gelu_new":
+                raise SystemExit(f"error: {config_file}: only GPT-2's 4x MLP with gelu_new is supported")
+            return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {config_file} is not a GPT-2 config.json ({e!r})") from None
+    if name_or_path in PRETRAINED:
+        return {**PRETRAINED[name_or_path], **RELEASED_SHAPE}
+    # A bare file: it is one of the released models if its shapes say so (n_head cannot be read off shapes).
+    wte = tensors.get("transformer.wte.weight")
+    n_layer = len({n.split(".")[2] for n in tensors if n.startswith("transformer.h.")})
+    for shape in PRETRAINED.values():
+        if wte is not None and tuple(wte.shape) == (50257, shape["n_embd"]) and n_layer == shape["n_layer"]:
+            return {**shape, **RELEASED_SHAPE}
+    raise SystemExit(f"error: {path}: no config.json beside it and its shapes are none of {', '.join(PRETRAINED)}")
+
+
+def hf_state_dict(state_dict):
+    """GPT-2 weights as OpenAI / Hugging Face store them, the inverse of loading: the four Conv1D weights
+    transposed back to (in, out), no lm_head (tied to wte, tied again on loading), no LoRA tensors."""
+    return {name: tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+            for name, tensor in state_dict.items() if name != "lm_head.weight" and ".lora." not in name}
+
+
+def hf_config(config):
+    """A config.json that transformers reads as GPT2LMHeadModel (and GPT.from_pretrained reads too)."""
+    if not config.bias:
+        raise SystemExit("error: GPT-2 checkpoints always have biases; this model has none")
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the old name of n_positions, still read by some tools
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None means 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation of GELU that GPT-2 was trained with
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.1,  # OpenAI's training dropout, as in the released configs; off at inference
+        "embd_pdrop": 0.1,
+        "attn_pdrop": 0.1,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "bos_token_id": 50256,
+        "eos_token_id": 50256,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
