@@ -53,7 +53,8 @@ def check_train(args, world_size):
         require((out / "ckpt.pt").is_file(), f"--resume: {out / 'ckpt.pt'} not found")
     else:
         made = [name for name in RUN_FILES if (out / name).exists()]
-        require(not made, f"{out} already holds a run ({', '.join(made)}); use --resume to continue it, or another --out")
+        require(not made, f"{out} already holds a run ({', '.join(made)}); use --resume to continue it, "
+                          f"or another --out")
     writable_folder(out)
     writable_folder(args.data)
     fetch_or_list(downloads_for(args.model, args.data, ("train", "dev")))
