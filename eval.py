@@ -28,7 +28,7 @@ from tqdm import tqdm
 import lora
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
-from tools import metrics
+from tools import metrics, preflight
 from tools.beam import beam_search
 from tools.device import pick_device, pick_dtype
 from tools.files import atomic_write
@@ -70,6 +70,7 @@ def parse_args(argv=None):
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
     p.add_argument("--out", default=None, help="folder for predictions_{split}.txt and results.jsonl "
                    "(default: the adapter's folder, the merged folder, or ./out for a base model)")
+    p.add_argument("--force", action="store_true", help="replace an earlier predictions_{split}.txt in --out")
     p.add_argument("--hyp", default=None, help="score this file of outputs (UTF-8, one line per MR) instead "
                    "of decoding; needs --refs")
     p.add_argument("--refs", default=None, help="E2E CSV (mr,ref) whose references --hyp is scored against")
@@ -184,6 +185,12 @@ def default_out(args):
 
 def evaluate(args):
     """Decode the split, compute the dev loss, score, print the table and append the results line."""
+    out = default_out(args)
+    predictions_path = out / f"predictions_{args.split}.txt"
+    if predictions_path.exists() and not args.force:
+        raise SystemExit(f"error: {predictions_path} exists (results.jsonl may point at it); pass --force to "
+                         f"replace it, or another --out")
+    preflight.writable_folder(out)  # found out now, not after decoding everything
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
@@ -207,7 +214,11 @@ def evaluate(args):
     items = prepare.load_mrs(data, args.split)[:args.limit]
     refs = [item["format_refs"] if references == "paper" else item["refs"] for item in items]
     name = args.adapter or args.merged or model.name_or_path
-    out = default_out(args)
+    longest = max(len(prepare.prompt_tokens(enc, item["mr"], model.data_format)) for item in items)
+    max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)
+    if max_new_tokens < args.max_new_tokens:
+        print(f"note: --max_new_tokens {args.max_new_tokens} capped at {max_new_tokens}: the longest prompt has "
+              f"{longest} tokens and the model {model.config.block_size} positions")
     print(f"{name} on {device} ({str(dtype).removeprefix('torch.')}): {len(items)} {args.split} MRs, beam "
           f"{args.beam}, length penalty {args.length_penalty}, no repeated {args.no_repeat_ngram}-grams; scored "
           f"against the {references} references" + (" (pre-tokenized, as the paper)" if references == "paper" else ""))
@@ -222,7 +233,6 @@ def evaluate(args):
     t0 = time.perf_counter()
     predictions = decode(model, enc, [item["mr"] for item in items], args, autocast)
     decode_seconds = time.perf_counter() - t0
-    predictions_path = out / f"predictions_{args.split}.txt"
     write_lines(predictions_path, predictions)
 
     t0 = time.perf_counter()
@@ -239,7 +249,7 @@ def evaluate(args):
         mrs=len(items), val_loss=val_loss, val_examples=args.val_examples,
         scores=scores,  # the scorer's units: BLEU, METEOR, ROUGE_L in 0..1
         settings=dict(beam=args.beam, length_penalty=args.length_penalty,
-                      no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=args.max_new_tokens,
+                      no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=max_new_tokens,
                       limit=args.limit, device=device, dtype=str(dtype).removeprefix("torch.")),
         predictions=str(predictions_path), decode_seconds=round(decode_seconds, 2),
         score_seconds=round(score_seconds, 2),

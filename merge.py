@@ -56,21 +56,19 @@ def parse_args(argv=None):
         description="Merge a LoRA adapter into its base model (W = W0 + (alpha / r) B A) and write a "
         "complete GPT-2 checkpoint (model.safetensors + config.json, Hugging Face layout, fp32). The written "
         "files are read back and checked against the unmerged model before the folder appears.")
-    parser.add_argument("--adapter", type=Path, required=True,
-                        help="the LoRA adapter file (from train.py); required")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="the folder to create for the merged checkpoint; it must not exist "
-                        "(required unless --check-only)")
+    parser.add_argument("--adapter", type=Path, required=True, help="the LoRA adapter file (from train.py)")
+    parser.add_argument("--out", type=Path, default=None, help="the folder to create for the merged checkpoint; "
+                        "it must not exist (required unless --check-only)")
     parser.add_argument("--model", default=None,
                         help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or "
                         ".safetensors file (default: the base model named in the adapter file)")
     parser.add_argument("--check-only", "--check_only", dest="check_only", action="store_true",
                         help="merge in memory and check against the unmerged model; write nothing "
                         "(default: off)")
-    parser.add_argument("--data", type=Path, default=DATA_DIR,
+    parser.add_argument("--data", type=Path, default=None,
                         help="the folder with the prepared E2E data; the check uses its dev MRs "
                         "(dev_mrs.json) when they are there, else a fixed list of texts "
-                        "(default: %(default)s)")
+                        f"(default: the --data of the run that trained the adapter, else {DATA_DIR})")
     parser.add_argument("--n_check", type=int, default=16,
                         help="how many prompts the check uses (default: %(default)s)")
     parser.add_argument("--check_tokens", type=int, default=32,
@@ -127,6 +125,14 @@ def check_prompts(data_dir, n, max_len, data_format):
     return [tokens[-max_len:] for tokens in prompts], source
 
 
+def training_data(adapter):
+    """The --data folder of the train.py run that wrote this adapter (its ckpt.pt beside it), else the default."""
+    ckpt = Path(adapter).parent / "ckpt.pt"
+    if ckpt.is_file():
+        return torch.load(ckpt, map_location="cpu", weights_only=False)["args"].get("data", DATA_DIR)
+    return DATA_DIR
+
+
 @torch.no_grad()
 def model_outputs(model, prompts, check_tokens, desc):
     """For each prompt: the logits (T, vocab) at its positions, on the CPU, and its greedy continuation of
@@ -180,7 +186,8 @@ def merge(args):
     print(f"{description}, adapter {args.adapter}, on {device}")
     if args.check_tokens >= model.config.block_size:
         raise SystemExit(f"error: --check_tokens must be below the model's block_size {model.config.block_size}")
-    prompts, source = check_prompts(args.data, args.n_check, model.config.block_size - args.check_tokens,
+    prompts, source = check_prompts(args.data or training_data(args.adapter), args.n_check,
+                                    model.config.block_size - args.check_tokens,
                                     model.data_format)
     print(f"checking on {source}")
     model.double()  # the check computes in float64 (see the top of this file)

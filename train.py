@@ -31,7 +31,7 @@ from lora import apply_lora, lora_state_dict, save_adapter, scale
 from model import GPT
 from tools import preflight
 from tools.device import pick_dtype
-from tools.files import atomic_write
+from tools.files import atomic_torch_save, atomic_write
 from tools.loading import trainable_report
 
 # Arguments that define what is trained: --resume refuses to continue a run under different ones.
@@ -98,14 +98,13 @@ def batches(train_split, args):
             step += 1
 
 
-def save_checkpoint(out, model, opt, step, args, log, data_format):
+def save_checkpoint(out, model, opt, step, total, args, log, data_format):
     """Everything needed to continue exactly (LoRA weights, optimizer, RNG states, step), the adapter, the log."""
-    state = dict(lora=lora_state_dict(model), optimizer=opt.state_dict(), step=step, args=vars(args),
-                 torch_rng=torch.get_rng_state(),
+    state = dict(lora=lora_state_dict(model), optimizer=opt.state_dict(), step=step, total=total,
+                 args=vars(args), torch_rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     save_adapter(model, out / "adapter.safetensors", data_format)  # first: it refuses non-finite tensors
-    with atomic_write(out / "ckpt.pt") as f:
-        torch.save(state, f)
+    atomic_torch_save(state, out / "ckpt.pt")
     with atomic_write(out / "log.jsonl") as f:
         f.write("".join(json.dumps(line) + "\n" for line in log).encode())
 
@@ -169,7 +168,7 @@ def train(args):
     def evaluate_and_save(step):
         log[-1]["val_loss"] = round(dev_loss(model, dev_split, args.batch_size, device, args.eval_examples,
                                              autocast), 6)
-        save_checkpoint(out, model, opt, step, args, log, train_split.data_format)
+        save_checkpoint(out, model, opt, step, total, args, log, train_split.data_format)
         bar.write(f"step {step}: val loss {log[-1]['val_loss']:.4f}")
 
     model.train()
@@ -224,14 +223,14 @@ def train(args):
     except KeyboardInterrupt:
         if master:
             bar.write(f"interrupted: saving step {step} to {out}; continue with the same command and --resume")
-            save_checkpoint(out, model, opt, step, args, log, train_split.data_format)
+            save_checkpoint(out, model, opt, step, total, args, log, train_split.data_format)
         raise SystemExit(130) from None
     finally:
         bar.close()
         if world_size > 1:
             dist.destroy_process_group()
     if master:
-        save_checkpoint(out, model, opt, step, args, log, train_split.data_format)
+        save_checkpoint(out, model, opt, step, total, args, log, train_split.data_format)
         if step == total:
             print(f"done: {step} steps, final val loss {log[-1]['val_loss']:.4f}")
         else:

@@ -292,6 +292,15 @@ def select(pairs, layers, targets):
 PLOT_HINT = "(tables only: pip install matplotlib for the heatmaps)"
 
 
+def plot_paths_free(args, kind, chosen):
+    """True; a one-line error, before any work, if a heatmap would replace an earlier one without --force."""
+    taken = [p for p in (Path(args.out) / f"{kind}_layer{layer}_{proj}.png" for layer, proj in chosen) if p.exists()]
+    if taken and not args.force:
+        raise SystemExit(f"error: {taken[0]} exists ({len(taken)} of the heatmaps do); pass --force to replace "
+                         f"them, or another --out")
+    return True
+
+
 def have_matplotlib():
     try:
         import matplotlib  # noqa: F401
@@ -351,7 +360,7 @@ def run_similarity(args):
     if not shared:
         raise SystemExit("error: the two adapters update no projection in common")
     chosen = select(shared, parse_layer(args.layer, config1["shape"]["n_layer"]), parse_targets(args.target))
-    plots = have_matplotlib()
+    plots = have_matplotlib() and plot_paths_free(args, "similarity", chosen)
     r1, r2 = config1["rank"], config2["rank"]
     m = min(r1, r2)
     print(f"subspace similarity phi (Hu et al. 2021, eq. 4) between the A matrices of\n"
@@ -385,7 +394,7 @@ def run_deltaw(args):
     if differ:
         raise SystemExit(f"error: {args.adapter} does not fit the model {name} ({differ})")
     r, scale = config["rank"], adapter_scale(config)
-    plots = have_matplotlib()
+    plots = have_matplotlib() and plot_paths_free(args, "deltaw", chosen)
     print(f"Delta W = {scale:g} * B A of {args.adapter} (r={r}) against W of {name}\n"
           f"||U^T W V^T||_F: W projected on the top-{r} singular vectors U, V of Delta W / W / a random "
           f"matrix (Table 7)\n"
@@ -430,6 +439,7 @@ def build_parser():
     sim.add_argument("--target", default=None,
                      help="projections, comma separated: q,k,v,o,mlp (default: all in both adapters)")
     sim.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
+    sim.add_argument("--force", action="store_true", help="replace heatmaps written before")
     sim.set_defaults(run=run_similarity)
     dw = commands.add_parser("deltaw", help="Delta W against W: Table 7 and Figure 8 (section 7.3)")
     dw.add_argument("adapter", help="adapter file (.safetensors written by lora.save_adapter)")
@@ -437,6 +447,7 @@ def build_parser():
                     help="base model name or path (default: the base model named in the adapter)")
     dw.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
     dw.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
+    dw.add_argument("--force", action="store_true", help="replace heatmaps written before")
     dw.set_defaults(run=run_deltaw)
     return parser
 

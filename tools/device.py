@@ -6,13 +6,14 @@ import torch
 
 
 def pick_device(requested="auto"):
-    """'auto' -> cuda if present, then mps, then cpu; anything else is checked and taken as asked."""
+    """'auto' -> cuda if present, then mps, then cpu; anything else is checked and taken as asked. On the CPU it
+    also sets the number of threads (set_cpu_threads)."""
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
-        return "cpu"
+        requested = "cpu"
     try:
         device = torch.device(requested)
     except RuntimeError:
@@ -21,6 +22,8 @@ def pick_device(requested="auto"):
         raise SystemExit(f"error: --device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise SystemExit(f"error: --device {requested}: MPS is not available here")
+    if device.type == "cpu":
+        set_cpu_threads()
     return requested
 
 
@@ -33,12 +36,15 @@ def pick_dtype(requested, device):
 
 
 def set_cpu_threads():
-    """On a CPU, use one thread per physical core but leave one core free, unless OMP_NUM_THREADS says otherwise.
+    """On a CPU, one torch thread per core that is not busy with other work, unless OMP_NUM_THREADS is set.
 
-    Why: OpenMP threads spin-wait for each other at every small matmul; when another process holds one of the
-    cores, every step waits for the thread that is not running, and small models get up to 50x slower. Set
-    OMP_NUM_THREADS (or torch.set_num_threads) to choose yourself.
+    Why: torch's threads wait for each other at every matrix product. When another process holds one of the
+    cores, every product waits for the thread that is not running, and a small model gets up to 50x slower;
+    one thread fewer than the cores costs at most that core's share. The busy cores are read from the load
+    average (processes waiting to run). Set OMP_NUM_THREADS to choose yourself.
     """
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        torch.set_num_threads(max(1, min(cores, cores - busy)))
     return torch.get_num_threads()

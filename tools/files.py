@@ -15,6 +15,7 @@ This is the lowest layer of the project. It needs only the standard library, num
 """
 
 import http.client
+import io
 import json
 import math
 import os
@@ -61,19 +62,30 @@ def atomic_write(path) -> Iterator[BinaryIO]:
     bytes or all of the new ones. If the body raises, the temporary file is removed and `path` is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         # Mode "xb" (not tempfile.mkstemp) so the file gets the user's usual permissions, not 0600.
         with open(tmp, "xb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk, a read-only folder: one line, and the old file stays
+            raise SystemExit(f"error: could not write {path}: {e.strerror or e}") from None
         raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save(obj, path) through atomic_write. Serialized in memory first: torch reports a failed write to
+    a file as a RuntimeError from its C++ writer, which would hide a full disk behind a traceback."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_write(path) as f:
+        f.write(buffer.getbuffer())
 
 
 @contextmanager

@@ -25,8 +25,12 @@ def load_model(model=None, adapter=None, merged=None):
         if base in ("", "None"):
             raise SystemExit(f"error: {adapter} does not name its base model; say which with --model")
         if peft:
-            return peft_adapter.put_adapter(GPT.from_pretrained(base), tensors, config, adapter)
-        return lora.load_adapter(GPT.from_pretrained(base), adapter)  # sets data_format from the adapter
+            loaded = peft_adapter.put_adapter(GPT.from_pretrained(base), tensors, config, adapter)
+        else:
+            loaded = lora.load_adapter(GPT.from_pretrained(base), adapter)  # sets data_format from the adapter
+        if not all(t.isfinite().all() for t in lora.lora_state_dict(loaded).values()):
+            raise SystemExit(f"error: {adapter} holds NaN or infinite numbers: its training diverged")
+        return loaded
     loaded = GPT.from_pretrained(model if model is not None else "gpt2")
     loaded.data_format = "paper"  # a base model has none: prompts take the default format
     return loaded

@@ -169,16 +169,20 @@ def _nist_tokens(hyps: list[list[str]], refs: list[list[list[str]]]) -> float:
     return score * math.exp(-NIST_BETA * math.log(ratio) ** 2)
 
 
+def tokenized(hyps: list[str], refs: list[list[str]], tokenize) -> tuple[list, list]:
+    """Every hypothesis and reference split into tokens by `tokenize`, after checking the inputs' shape."""
+    _check_inputs(hyps, refs)
+    return [tokenize(h) for h in hyps], [[tokenize(r) for r in rs] for rs in refs]
+
+
 def bleu(hyps: list[str], refs: list[list[str]]) -> float:
     """Corpus BLEU-4 in 0..1 as the official E2E scorer prints it (papers print it x100)."""
-    _check_inputs(hyps, refs)
-    return _bleu_tokens([mteval_tokenize(h) for h in hyps], [[mteval_tokenize(r) for r in rs] for rs in refs])
+    return _bleu_tokens(*tokenized(hyps, refs, mteval_tokenize))
 
 
 def nist(hyps: list[str], refs: list[list[str]]) -> float:
     """Corpus NIST with 1- to 5-grams, information weights from the references, as the official scorer."""
-    _check_inputs(hyps, refs)
-    return _nist_tokens([mteval_tokenize(h) for h in hyps], [[mteval_tokenize(r) for r in rs] for rs in refs])
+    return _nist_tokens(*tokenized(hyps, refs, mteval_tokenize))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,14 +343,12 @@ def _cider_d_tokens(hyps: list[list[str]], refs: list[list[list[str]]]) -> float
 
 def rouge_l(hyps: list[str], refs: list[list[str]]) -> float:
     """coco-caption's ROUGE-L (0..1): LCS F-measure, beta 1.2, best precision and recall over references."""
-    _check_inputs(hyps, refs)
-    return _rouge_l_tokens([ptb_tokenize(h) for h in hyps], [[ptb_tokenize(r) for r in rs] for rs in refs])
+    return _rouge_l_tokens(*tokenized(hyps, refs, ptb_tokenize))
 
 
 def cider_d(hyps: list[str], refs: list[list[str]]) -> float:
     """coco-caption's CIDEr-D (0..10): 1- to 4-grams, sigma 6, clipped, idf from these references, x10."""
-    _check_inputs(hyps, refs)
-    return _cider_d_tokens([ptb_tokenize(h) for h in hyps], [[ptb_tokenize(r) for r in rs] for rs in refs])
+    return _cider_d_tokens(*tokenized(hyps, refs, ptb_tokenize))
 
 
 # ---------------------------------------------------------------------------------------------------------

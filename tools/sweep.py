@@ -21,12 +21,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from data.e2e import prepare
 from tools.files import atomic_write, read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
 TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
-COLUMNS = ["setting", "targets", "rank", "trainable", "val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+COLUMNS = ["setting", "targets", "rank", "trainable", "steps", "val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
 PERCENT = {"BLEU", "METEOR", "ROUGE_L"}  # printed x100, as the paper does
 
 
@@ -96,6 +98,21 @@ def final_val_loss(run):
     return next((line["val_loss"] for line in reversed(lines) if "val_loss" in line), None)
 
 
+def progress(run):
+    """(steps done, steps planned) of a run, from its checkpoint; (0, None) when it has none."""
+    if not (run / "ckpt.pt").is_file():
+        return 0, None
+    state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=False)
+    return state["step"], state.get("total")
+
+
+def finished(run):
+    """A run is finished when its checkpoint says every planned step is done (a val_loss alone is not enough:
+    a run stopped part way has one too)."""
+    step, total = progress(run)
+    return (run / "adapter.safetensors").is_file() and step == total
+
+
 def trainable_count(adapter):
     """The number of LoRA parameters, read from the adapter file's header."""
     entries, _ = read_safetensors_header(adapter)
@@ -107,19 +124,22 @@ def sweep(args):
     for name, targets, rank in settings(args):
         run = args.out / name
         adapter = run / "adapter.safetensors"
-        finished = adapter.is_file() and (run / "ckpt.pt").is_file() and final_val_loss(run) is not None
-        if not finished:
+        trained = not finished(run)
+        if trained:  # a new run, or one stopped part way (Ctrl-C, a crash): train.py --resume continues it
             resume = ["--resume"] if (run / "ckpt.pt").is_file() else []
             run_script("train.py", ["--rank", str(rank), "--targets", *targets, "--out", str(run),
                                     "--data", args.data, *resume, *args.train_args])
+        step, total = progress(run)
+        if step != total:
+            raise SystemExit(f"error: {run} stopped at step {step} of {total}; run the sweep again to continue it")
         row = dict(setting=name, targets=",".join(targets), rank=rank, trainable=trainable_count(adapter),
-                   val_loss=final_val_loss(run))
+                   steps=f"{step}/{total}", val_loss=final_val_loss(run))
         if not args.no_eval:
             result = last_result(run, args.eval_split)
             same = result is not None and (result["settings"]["limit"], result["settings"]["beam"]) == \
                 (args.eval_limit, args.beam)
-            if not same:  # not evaluated yet, or with other settings
-                run_script("eval.py", ["--adapter", str(adapter), "--split", args.eval_split, "--beam",
+            if trained or not same:  # not evaluated yet, trained further since, or with other settings
+                run_script("eval.py", ["--adapter", str(adapter), "--split", args.eval_split, "--force", "--beam",
                                        str(args.beam), "--no_val_loss", "--data", args.data,
                                        *(["--limit", str(args.eval_limit)] if args.eval_limit else []),
                                        *(["--no_meteor"] if args.no_meteor else [])])

@@ -198,7 +198,7 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
         raise SystemExit(f"error: unknown data format {data_format!r}: use {' or '.join(FORMATS)}")
     data_dir.mkdir(parents=True, exist_ok=True)
     for split in splits:
-        if not force and is_prepared(data_dir, split) and read_format(data_dir, split) != data_format:
+        if not force and is_prepared(data_dir, split):
             raise SystemExit(f"error: {data_dir} already holds {split} in the {read_format(data_dir, split)} format; "
                              f"pass --force to replace it, or another --out")
     enc = get_tokenizer()
@@ -216,22 +216,30 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
             prompt_lens.append(prompt_len)
         mrs = [{"mr": mr, "refs": refs, "format_refs": [completion_text(r, data_format)[1:] for r in refs]}
                for mr, refs in unique_mrs(rows)]
-        # Every file of the split goes to a temporary folder first and is moved in only when all are complete.
-        with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".{split}.") as tmp:
-            tmp = Path(tmp)
-            np.savez(tmp / f"{split}.npz", tokens=np.array(tokens, dtype=np.uint16),  # GPT-2's ids fit in 16 bits
-                     offsets=np.array(offsets, dtype=np.int64), prompt_lens=np.array(prompt_lens, dtype=np.int32),
-                     format=np.array(data_format))
-            (tmp / f"{split}_mrs.json").write_text(json.dumps(mrs, ensure_ascii=False, indent=1), encoding="utf-8")
-            names = [f"{split}.npz", f"{split}_mrs.json"]
-            if data_format == "paper":
-                (tmp / f"{split}.txt").write_text("".join(f"{paper_context(mr)}||{pretokenize(ref)} \n"
-                                                          for mr, ref in rows), encoding="utf-8")
-                names.append(f"{split}.txt")
-            for name in names:
-                os.replace(tmp / name, data_dir / name)
+        try:
+            write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format)
+        except OSError as e:  # a full disk, a read-only folder
+            raise SystemExit(f"error: could not write {split}'s files into {data_dir}: {e.strerror or e}") from None
         written[split] = (len(rows), len(tokens))
     return written
+
+
+def write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format):
+    """{split}.npz, {split}_mrs.json (and {split}.txt) into data_dir: written into a temporary folder first and
+    moved in only when all are complete, so a split is there whole or not at all."""
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".{split}.") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / f"{split}.npz", tokens=np.array(tokens, dtype=np.uint16),  # GPT-2's ids fit in 16 bits
+                 offsets=np.array(offsets, dtype=np.int64), prompt_lens=np.array(prompt_lens, dtype=np.int32),
+                 format=np.array(data_format))
+        (tmp / f"{split}_mrs.json").write_text(json.dumps(mrs, ensure_ascii=False, indent=1), encoding="utf-8")
+        names = [f"{split}.npz", f"{split}_mrs.json"]
+        if data_format == "paper":
+            (tmp / f"{split}.txt").write_text("".join(f"{paper_context(mr)}||{pretokenize(ref)} \n"
+                                                      for mr, ref in rows), encoding="utf-8")
+            names.append(f"{split}.txt")
+        for name in names:
+            os.replace(tmp / name, data_dir / name)
 
 
 def read_format(data_dir, split):
@@ -263,7 +271,7 @@ def main(argv=None):
     parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
     parser.add_argument("--format", choices=FORMATS, default="paper", help="paper: the LoRA repository's text, "
                         "as the paper's numbers were made; plain: the official CSV text")
-    parser.add_argument("--force", action="store_true", help="replace files prepared in another format")
+    parser.add_argument("--force", action="store_true", help="replace the token files of a split prepared before")
     args = parser.parse_args(argv)
     for name, (n, n_tokens) in prepare(args.out, args.source, args.splits, args.format, args.force).items():
         print(f"{name}: {n:,} examples, {n_tokens:,} tokens ({args.format} format) -> {args.out / (name + '.npz')}")

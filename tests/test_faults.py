@@ -1,0 +1,195 @@
+"""Every README promise under faults: bad numbers, Ctrl-C, NaN, full or unwritable disks, overwrites, offline."""
+
+import errno
+import json
+import os
+import socket
+
+import pytest
+import torch
+from conftest import train_tiny_adapter
+
+import eval
+import sample
+import train
+from data.e2e import prepare
+from tools import analyze, device, files, hf_checkpoint, sweep
+
+pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+
+
+def args_for(tiny_gpt2, data, out, *extra):
+    return ["--model", str(tiny_gpt2), "--data", str(data), "--out", str(out), "--lr", "1e-2", "--warmup", "1",
+            "--eval_examples", "8", "--batch_size", "4", "--device", "cpu", *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def closed_port_url(name):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{name}"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--eval_interval", "0", "--eval_interval 0: must be at least 1"),
+    ("--lr", "-1", "--lr -1.0: must be positive"),
+    ("--dropout", "2", "--dropout 2.0: must be in [0, 1)"),
+    ("--rank", "0", "--rank 0: must be at least 1"),
+    ("--max_iters", "0", "--max_iters 0: must be at least 1"),
+    ("--device", "gpu", "unknown device 'gpu'"),
+    ("--device", "cuda:7", "--device cuda:7: this machine has"),
+])
+def test_bad_numbers_are_one_line_before_the_model_loads(flag, value, message, e2e_small, tmp_path):
+    """The model named here does not exist: the argument's error comes first, and no folder is left."""
+    with pytest.raises(SystemExit) as err:
+        train.main(args_for(tmp_path / "no-such-model", e2e_small, tmp_path / "run", flag, value))
+    assert str(err.value).startswith(f"error: {message}") and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_saves_exits_130_and_a_resumed_run_logs_every_eval(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
+    """Ctrl-C during step 4's evaluation: the run saves step 4 and exits 130; --resume evaluates step 4 first, so
+    the log has every evaluation of the uninterrupted run."""
+    calls = []
+    real = train.dev_loss
+
+    def interrupted_at_second_eval(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "dev_loss", interrupted_at_second_eval)
+    common = ["--max_iters", "6", "--eval_interval", "2"]
+    with pytest.raises(SystemExit) as err:
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", *common))
+    assert err.value.code == 130
+    log = read_log(tmp_path / "run")
+    assert [line["step"] for line in log] == [1, 2, 3, 4] and "val_loss" not in log[-1]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 4
+    train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", *common, "--resume"))
+    assert [line["step"] for line in read_log(tmp_path / "run") if "val_loss" in line] == [2, 4, 6]
+
+
+def test_a_nan_adapter_is_never_written_nor_loaded(tiny_gpt2, tmp_path):
+    path = train_tiny_adapter(tiny_gpt2, tmp_path / "adapter.safetensors", steps=1)
+    from lora import apply_lora, save_adapter
+    from model import GPT
+
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2))
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.lora["q"].lora_B.fill_(float("nan"))
+    with pytest.raises(SystemExit, match="not writing .*not all finite"):
+        save_adapter(model, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+    tensors, meta = files.load_safetensors(path)  # a NaN file made by hand, as another tool might
+    tensors = {name: torch.full_like(t, float("nan")) for name, t in tensors.items()}
+    files.save_safetensors(tensors, tmp_path / "by_hand.safetensors", meta)
+    with pytest.raises(SystemExit, match="holds NaN or infinite numbers"):
+        sample.main(["--adapter", str(tmp_path / "by_hand.safetensors"), "--greedy", "--max_new_tokens", "2"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "log.jsonl"
+    target.write_text("old\n")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(SystemExit, match=r"^error: could not write .*log.jsonl: No space left on device$"):
+        with files.atomic_write(target) as f:
+            f.write(b"new\n")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+    with pytest.raises(SystemExit, match="No space left on device"):
+        files.atomic_torch_save({"step": 1}, tmp_path / "ckpt.pt")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_prepare_on_a_full_disk_leaves_no_split_behind(e2e_src, tmp_path, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(prepare.np, "savez", full)
+    with pytest.raises(SystemExit, match="could not write dev's files .*No space left on device"):
+        prepare.prepare(tmp_path, source=e2e_src, splits=("dev",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_that_cannot_be_a_folder_is_refused_before_work(tiny_gpt2, e2e_small, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "file" / "run", "--max_iters", "1"))
+
+
+def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_path):
+    """train.py: a folder with a log.jsonl; prepare.py: token files; eval.py: predictions; analyze: heatmaps."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "log.jsonl").write_text("mine\n")
+    with pytest.raises(SystemExit, match="already holds a run \\(log.jsonl\\)"):
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "notes", "--max_iters", "1"))
+    assert (tmp_path / "notes" / "log.jsonl").read_text() == "mine\n"
+    with pytest.raises(SystemExit, match="already holds dev in the paper format; pass --force"):
+        prepare.prepare(e2e_small, source=e2e_src, splits=("dev",))
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "predictions_dev.txt").write_text("mine\n")
+    with pytest.raises(SystemExit, match="predictions_dev.txt exists .*pass --force"):
+        eval.main(["--model", str(tiny_gpt2), "--split", "dev", "--out", str(out), "--data", str(e2e_small)])
+    assert (out / "predictions_dev.txt").read_text() == "mine\n"
+    (tmp_path / "similarity_layer0_q.png").write_bytes(b"mine")
+
+    class Args:
+        out, force = tmp_path, False
+
+    with pytest.raises(SystemExit, match="similarity_layer0_q.png exists .*pass --force"):
+        analyze.plot_paths_free(Args, "similarity", [(0, "q"), (1, "q")])
+    Args.force = True
+    assert analyze.plot_paths_free(Args, "similarity", [(0, "q")])
+
+
+def test_offline_one_run_lists_every_missing_file(tmp_path, monkeypatch):
+    """No network: the CSVs and the weights are all named in one error, each with its URL and its path."""
+    monkeypatch.setenv("LORA_GPT_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "dev"):
+        monkeypatch.setitem(prepare.URLS, split, closed_port_url(prepare.SPLITS[split]))
+    monkeypatch.setattr(hf_checkpoint, "HUB_URL", closed_port_url("{name}/model.safetensors"))
+    with pytest.raises(SystemExit) as err:
+        train.main(["--model", "gpt2", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    message = str(err.value)
+    assert message.startswith("error: could not download") and "\n" not in message
+    for name in ("trainset.csv", "devset.csv"):
+        assert f"{name} -> {tmp_path / 'data' / name}" in message
+    assert f"gpt2/model.safetensors -> {tmp_path / 'cache' / 'gpt2' / 'model.safetensors'}" in message
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    before = torch.get_num_threads()
+    try:
+        for load, threads in ((0.1, 4), (1.2, 3), (3.6, 1), (9.0, 1)):
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            assert device.set_cpu_threads() == threads
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        assert device.set_cpu_threads() == 2  # the user's choice (here the variable) is left as it is
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_interrupted_sweep_run_is_resumed_not_tabulated(tiny_gpt2, e2e_small, tmp_path):
+    """A run stopped at step 1 of 2 has a val_loss in its log; the sweep resumes it to step 2 before its row."""
+    common = ["--max_iters", "2", "--warmup", "1", "--batch_size", "4", "--eval_interval", "1", "--eval_examples",
+              "8", "--device", "cpu", "--model", str(tiny_gpt2)]
+    train.main(["--rank", "1", "--targets", "q", "v", "--out", str(tmp_path / "r1"), "--data", str(e2e_small),
+                *common, "--stop_after", "1"])
+    assert [line["step"] for line in read_log(tmp_path / "r1") if "val_loss" in line] == [1]
+    rows = sweep.main(["ranks", "--ranks", "1", "--no_eval", "--out", str(tmp_path), "--data", str(e2e_small),
+                       "--", *common])
+    assert rows[0]["steps"] == "2/2" and [line["step"] for line in read_log(tmp_path / "r1")] == [1, 2]
+    assert rows[0]["val_loss"] == read_log(tmp_path / "r1")[-1]["val_loss"]
