@@ -30,7 +30,7 @@ from data.e2e.batches import batch_order, dev_loss, load_split, make_batch, targ
 from lora import apply_lora, lora_state_dict, save_adapter, scale
 from model import GPT
 from tools import preflight
-from tools.device import pick_dtype
+from tools.device import compile_for_training, pick_dtype
 from tools.files import atomic_torch_save, atomic_write
 from tools.loading import trainable_report
 
@@ -74,8 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (batch lengths are padded to "
-                   "a multiple of 16, so it compiles a few times, not once per length)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (once: batch shapes are "
+                   "symbolic)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
     return p.parse_args(argv)
@@ -156,7 +156,7 @@ def train(args):
     # DDP averages the gradients of the processes during backward; each process's loss is scaled below so
     # that the average is the gradient of the mean loss over the whole global batch.
     ddp_model = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world_size > 1 else model
-    forward = torch.compile(ddp_model, dynamic=False) if args.compile else ddp_model
+    forward = compile_for_training(ddp_model) if args.compile else ddp_model  # see tools/device.py
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     if master:
@@ -164,6 +164,9 @@ def train(args):
               f"(scale {scale(args.alpha, args.rank, args.rslora):g}), {trainable_report(model)}")
         print(f"{len(train_split):,} training examples ({train_split.data_format} format), {total:,} steps of "
               f"{args.batch_size}, on {device} ({str(dtype).removeprefix('torch.')}), {world_size} process(es)")
+
+    def eval_step(step):
+        return step % args.eval_interval == 0 or step == total
 
     def evaluate_and_save(step):
         log[-1]["val_loss"] = round(dev_loss(model, dev_split, args.batch_size, device, args.eval_examples,
@@ -175,7 +178,7 @@ def train(args):
     bar = tqdm(total=total, initial=start, desc="training", disable=not master, dynamic_ncols=True)
     step = start
     try:
-        if master and log and log[-1]["step"] == start and "val_loss" not in log[-1]:
+        if master and log and log[-1]["step"] == start and eval_step(start) and "val_loss" not in log[-1]:
             evaluate_and_save(start)  # the run was stopped during this step's evaluation: do it now
         for step, indices in batches(train_split, args):
             if step < start:
@@ -192,7 +195,7 @@ def train(args):
             pieces = np.array_split(indices, world_size * args.grad_accum)[rank::world_size]
             n_targets, loss_sum = target_count(train_split, indices), 0.0
             for i, piece in enumerate(pieces):
-                x, y = make_batch(train_split, piece, pad_to=16 if args.compile else 1)
+                x, y = make_batch(train_split, piece)
                 weight = target_count(train_split, piece) / n_targets
                 # DDP would average the gradients after every backward; only the last piece's needs it
                 sync = contextlib.nullcontext() if world_size == 1 or i == len(pieces) - 1 else ddp_model.no_sync()
@@ -218,7 +221,7 @@ def train(args):
                             tokens_per_s=round(n_tokens / (time.perf_counter() - t0))))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=log[-1]["tokens_per_s"])
-            if master and (step % args.eval_interval == 0 or step == total):
+            if master and eval_step(step):
                 evaluate_and_save(step)
     except KeyboardInterrupt:
         if master:

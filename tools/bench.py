@@ -47,6 +47,7 @@ from data.e2e import batches, prepare
 from data.e2e.prepare import EOT
 from lora import apply_lora, lora_state_dict, merge_lora
 from model import GPT
+from tools.device import compile_for_training
 from tools.hf_checkpoint import PRETRAINED
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +287,7 @@ class OurTrainer:
         self.model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
-        self.forward = torch.compile(self.model) if compile else self.model
+        self.forward = compile_for_training(self.model) if compile else self.model
         self.device, self.autocast = device, autocast_for(device, bf16)
 
     def step(self, batch):
