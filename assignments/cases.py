@@ -1,0 +1,28 @@
+"""The public cases: name -> (part, check in checks.py, keyword arguments). No torch here: the grader's own
+process reads these without importing it."""
+
+CASE_SECONDS = 20  # time limit of one case
+
+PUBLIC = {
+    "part0 load a 2-layer checkpoint": (0, "loading", dict(seed=0, n_layer=2, n_head=2, n_embd=16)),
+    "part0 load with dropout": (0, "loading", dict(seed=1, n_layer=1, n_head=4, n_embd=32, dropout=0.1)),
+    "part1 attention, prompt 4 then chunks 3, 1": (1, "attention", dict(seed=0, batch=2, n_head=2, n_embd=16,
+                                                                         prompt=4, chunks=[3, 1])),
+    "part1 KVCache.store": (1, "cache_store", dict(seed=0, batch=2, n_head=2, head_size=4, steps=[3, 1, 2])),
+    "part2 LoRALinear on q and v": (2, "lora_layer", dict(seed=0, in_features=16, out_features=48, rank=4,
+                                                          alpha=32, slices={"q": (0, 16), "v": (32, 48)})),
+    "part2 LoRALinear, rsLoRA, Gaussian A": (2, "lora_layer", dict(seed=1, in_features=24, out_features=12,
+                                                                   rank=2, alpha=8, slices={"o": (0, 12)},
+                                                                   rslora=True, init="gaussian")),
+    "part3 apply_lora placements": (3, "placement", dict(seed=0, rank=4, alpha=32, n_layer=2, n_head=2,
+                                                         n_embd=16, settings=[("q", "v"), ("k",), ("o", "mlp")])),
+    "part3 Table 5 on GPT-3's shape": (3, "table5", dict()),
+    "part4 make_batch": (4, "batching", dict(seed=0, n_examples=8, pad_to=1)),
+    "part4 forward, loss, cache, one step": (4, "forward_and_step", dict(seed=0, batch=2, label_smoothing=0.0)),
+    "part5 subspace similarity": (5, "similarity", dict(seed=0, d=32, r1=4, r2=6)),
+    "part5 amplification": (5, "amplification", dict(seed=0, out_features=24, in_features=16, r=2)),
+}
+
+
+def public_cases(part):
+    return [name for name, case in PUBLIC.items() if case[0] == part]
