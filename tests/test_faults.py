@@ -15,7 +15,7 @@ import train
 from data.e2e import prepare
 from tools import analyze, device, files, hf_checkpoint, sweep
 
-pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
+tokenizer = pytest.mark.tokenizer  # the tests that tokenize text (see conftest.py)
 
 
 def args_for(tiny_gpt2, data, out, *extra):
@@ -34,6 +34,7 @@ def closed_port_url(name):
     return f"http://127.0.0.1:{port}/{name}"
 
 
+@tokenizer
 @pytest.mark.parametrize("flag, value, message", [
     ("--eval_interval", "0", "--eval_interval 0: must be at least 1"),
     ("--lr", "-1", "--lr -1.0: must be positive"),
@@ -51,6 +52,7 @@ def test_bad_numbers_are_one_line_before_the_model_loads(flag, value, message, e
     assert not (tmp_path / "run").exists()
 
 
+@tokenizer
 def test_ctrl_c_saves_exits_130_and_a_resumed_run_logs_every_eval(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
     """Ctrl-C during step 4's evaluation: the run saves step 4 and exits 130; --resume evaluates step 4 first, so
     the log has every evaluation of the uninterrupted run."""
@@ -75,6 +77,7 @@ def test_ctrl_c_saves_exits_130_and_a_resumed_run_logs_every_eval(tiny_gpt2, e2e
     assert [line["step"] for line in read_log(tmp_path / "run") if "val_loss" in line] == [2, 4, 6]
 
 
+@tokenizer
 def test_a_nan_adapter_is_never_written_nor_loaded(tiny_gpt2, tmp_path):
     path = train_tiny_adapter(tiny_gpt2, tmp_path / "adapter.safetensors", steps=1)
     from lora import apply_lora, save_adapter
@@ -110,6 +113,7 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+@tokenizer
 def test_prepare_on_a_full_disk_leaves_no_split_behind(e2e_src, tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -120,12 +124,14 @@ def test_prepare_on_a_full_disk_leaves_no_split_behind(e2e_src, tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@tokenizer
 def test_an_output_that_cannot_be_a_folder_is_refused_before_work(tiny_gpt2, e2e_small, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(SystemExit, match="is a file, not a folder"):
         train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "file" / "run", "--max_iters", "1"))
 
 
+@tokenizer
 def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_path):
     """train.py: a folder with a log.jsonl; prepare.py: token files; eval.py: predictions; analyze: heatmaps."""
     (tmp_path / "notes").mkdir()
@@ -152,6 +158,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     assert analyze.plot_paths_free(Args, "similarity", [(0, "q")])
 
 
+@tokenizer
 def test_offline_one_run_lists_every_missing_file(tmp_path, monkeypatch):
     """No network: the CSVs and the weights are all named in one error, each with its URL and its path."""
     monkeypatch.setenv("LORA_GPT_CACHE", str(tmp_path / "cache"))
@@ -167,13 +174,32 @@ def test_offline_one_run_lists_every_missing_file(tmp_path, monkeypatch):
     assert f"gpt2/model.safetensors -> {tmp_path / 'cache' / 'gpt2' / 'model.safetensors'}" in message
 
 
+def test_busy_cores_reads_the_machine_s_non_idle_time(monkeypatch):
+    """Two /proc/stat readings 0.2 s apart: 200 of 400 jiffies busy (idle and iowait are not) on 4 CPUs is 2
+    busy cores; without /proc/stat, the load average."""
+    import io
+
+    readings = iter(["cpu 100 0 100 700 100 0 0 0\n", "cpu 200 0 200 850 150 0 0 0\n"])
+    monkeypatch.setattr(device, "open", lambda path: io.StringIO(next(readings)), raising=False)
+    monkeypatch.setattr(device.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert device.busy_cores() == 2
+
+    def no_proc(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(device, "open", no_proc, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 1.0, 1.0))
+    assert device.busy_cores() == 1
+
+
 def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     before = torch.get_num_threads()
     try:
-        for load, threads in ((0.1, 4), (1.2, 3), (3.6, 1), (9.0, 1)):
-            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        for busy, threads in ((0, 4), (1, 3), (3, 1), (9, 1)):
+            monkeypatch.setattr(device, "busy_cores", lambda busy=busy: busy)
             assert device.set_cpu_threads() == threads
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(2)
@@ -182,6 +208,7 @@ def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
         torch.set_num_threads(before)
 
 
+@tokenizer
 def test_an_interrupted_sweep_run_is_resumed_not_tabulated(tiny_gpt2, e2e_small, tmp_path):
     """A run stopped at step 1 of 2 has a val_loss in its log; the sweep resumes it to step 2 before its row."""
     common = ["--max_iters", "2", "--warmup", "1", "--batch_size", "4", "--eval_interval", "1", "--eval_examples",
@@ -193,3 +220,15 @@ def test_an_interrupted_sweep_run_is_resumed_not_tabulated(tiny_gpt2, e2e_small,
                        "--", *common])
     assert rows[0]["steps"] == "2/2" and [line["step"] for line in read_log(tmp_path / "r1")] == [1, 2]
     assert rows[0]["val_loss"] == read_log(tmp_path / "r1")[-1]["val_loss"]
+
+
+def test_no_meteor_prints_no_java_hint_and_merge_checks_on_the_training_data(tmp_path):
+    scores = dict(BLEU=0.5, NIST=5.0, METEOR=None, ROUGE_L=0.5, CIDEr=1.0)
+    assert eval.METEOR_HINT not in eval.table("m", "test", 1, None, scores, meteor_asked=False)
+    assert eval.METEOR_HINT in eval.table("m", "test", 1, None, scores)
+    import merge
+
+    (tmp_path / "run").mkdir()
+    torch.save({"args": {"data": str(tmp_path / "my_data")}}, tmp_path / "run" / "ckpt.pt")
+    assert merge.training_data(tmp_path / "run" / "adapter.safetensors") == str(tmp_path / "my_data")
+    assert merge.training_data(tmp_path / "adapter.safetensors") == prepare.DATA_DIR

@@ -99,6 +99,7 @@ PEFT_CASES = {"c_attn": dict(target_modules=["c_attn"]),
               "c_fc": dict(target_modules=["c_fc"], r=2, lora_alpha=3)}
 
 
+@pytest.mark.tokenizer  # merge.py's check tokenizes its prompts
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_peft_adapter_gives_peft_logits_in_our_model_and_merges(base, tmp_path, case):
     folder = make_peft(base, tmp_path / "peft", **PEFT_CASES[case])

@@ -1,6 +1,7 @@
 """Where the scripts compute: the device, the autocast dtype, and the number of CPU threads."""
 
 import os
+import time
 
 import torch
 
@@ -40,14 +41,27 @@ def set_cpu_threads():
 
     Why: torch's threads wait for each other at every matrix product. When another process holds one of the
     cores, every product waits for the thread that is not running, and a small model gets up to 50x slower;
-    one thread fewer than the cores costs at most that core's share. The busy cores are read from the load
-    average (processes waiting to run). Set OMP_NUM_THREADS to choose yourself.
+    one thread fewer than the cores costs at most that core's share. Set OMP_NUM_THREADS to choose yourself.
     """
     if "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        busy = round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
-        torch.set_num_threads(max(1, min(cores, cores - busy)))
+        torch.set_num_threads(max(1, min(cores, cores - busy_cores())))
     return torch.get_num_threads()
+
+
+def busy_cores(seconds=0.2):
+    """How many cores other processes keep busy now: the machine's non-idle time in /proc/stat over a short
+    interval while this process sleeps (Linux), else the load average (which lags by about a minute)."""
+    def times():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # (busy, all): idle and iowait are not busy
+
+    try:
+        (busy0, all0), _, (busy1, all1) = times(), time.sleep(seconds), times()
+        return round((os.cpu_count() or 1) * (busy1 - busy0) / max(1, all1 - all0))
+    except (OSError, ValueError, IndexError):
+        return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
 
 
 def compile_for_training(model, backend="inductor"):
