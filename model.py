@@ -151,7 +151,7 @@ class GPT(nn.Module):
         logits is (number of targets, vocab), and loss their mean cross-entropy (label-smoothed if asked).
         """
         past = 0 if cache is None else cache.length
-        B, T = idx.shape
+        T = idx.size(1)
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(past, past + T, device=idx.device)
