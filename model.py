@@ -200,7 +200,7 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, dropout=0.0):
         """GPT-2 with OpenAI's weights: gpt2, gpt2-medium, gpt2-large or gpt2-xl (downloaded once), or a folder
         or .safetensors file in the Hugging Face layout."""
-        tensors, shape = hf_checkpoint.read(name_or_path)  # OpenAI's names and layout, every shape checked
+        tensors, shape = hf_checkpoint.read(name_or_path)  # OpenAI's names and layout
         with torch.device("meta"):  # shapes only: the random init would be thrown away (and for gpt2-xl, slow)
             model = cls(GPTConfig(**shape, dropout=dropout))
         state = {}
@@ -208,6 +208,7 @@ class GPT(nn.Module):
             # OpenAI's code stored four weights per layer as Conv1D, (in, out): the transpose of nn.Linear's.
             # c_attn and c_fc would fail on shape if left as they are, but attn.c_proj is square.
             state[name] = tensor.t() if name.endswith(hf_checkpoint.CONV1D_WEIGHTS) else tensor
+        hf_checkpoint.check_fits(state, model, name_or_path)  # every name and shape, or a one-line error
         state["lm_head.weight"] = state["transformer.wte.weight"]  # the head is wte, tied
         model.load_state_dict(state, assign=True)
         model.lm_head.weight = model.transformer.wte.weight  # tie again: assign made them two parameters

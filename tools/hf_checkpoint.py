@@ -4,8 +4,8 @@ model.py's from_pretrained calls read() and does the two things a student should
 the tied head); everything here is file plumbing:
 - the four released checkpoints by name, downloaded once into the cache folder;
 - a folder with model.safetensors (+ an optional config.json), or a bare .safetensors file;
-- names with or without the 'transformer.' prefix, the old attention-mask buffers dropped, every name and shape
-  checked against the config, so a wrong file is a one-line error and not a traceback from load_state_dict;
+- names with or without the 'transformer.' prefix, the old attention-mask buffers dropped; check_fits checks
+  every name and shape against the model, so a wrong file is a one-line error, not a load_state_dict traceback;
 - hf_state_dict / hf_config: the exact inverse, for writing a checkpoint transformers loads (merge.py).
 """
 
@@ -65,31 +65,21 @@ def read(name_or_path):
     head, wte = raw.get("lm_head.weight"), tensors.get("transformer.wte.weight")
     if head is not None and wte is not None and not head.float().equal(wte):
         raise SystemExit(f"error: {path}: lm_head is not tied to wte; GPT-2 ties them")
-    shape = _read_shape(config_file, tensors, str(name_or_path), path)
-    expected = expected_shapes(**shape)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    return tensors, _read_shape(config_file, tensors, str(name_or_path), path)
+
+
+def check_fits(state, model, path):
+    """A one-line error, naming the tensor, unless state (our layout) has exactly model's tensors and shapes:
+    load_state_dict would say it in a traceback of every mismatch."""
+    ours = {name: tuple(t.shape) for name, t in model.state_dict().items() if name != "lm_head.weight"}
+    missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:
         raise SystemExit(f"error: {path} is not a GPT-2 checkpoint of this shape: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise SystemExit(f"error: {path}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
-    return tensors, shape
-
-
-def expected_shapes(n_layer, n_head, n_embd, vocab_size, block_size):
-    """{name: shape} of every tensor a GPT-2 checkpoint holds, in OpenAI's layout."""
-    C = n_embd
-    shapes = {"transformer.wte.weight": (vocab_size, C), "transformer.wpe.weight": (block_size, C),
-              "transformer.ln_f.weight": (C,), "transformer.ln_f.bias": (C,)}
-    for i in range(n_layer):
-        layer = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
-                 "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
-                 "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
-                 "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
-                 "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,)}
-        shapes.update({f"transformer.h.{i}.{name}": s for name, s in layer.items()})
-    return shapes
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != ours[name]:
+            raise SystemExit(f"error: {path}: {name} has shape {tuple(tensor.shape)} in our layout, "
+                             f"expected {ours[name]}")
 
 
 def _read_shape(config_file, tensors, name_or_path, path):

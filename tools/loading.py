@@ -19,18 +19,11 @@ def load_model(model=None, adapter=None, merged=None):
         loaded.data_format = read_safetensors_header(weights)[1].get("data_format", "paper")  # merge.py wrote it
         return loaded
     if adapter is not None:
-        peft = peft_adapter.is_peft_folder(adapter)
-        tensors, config = peft_adapter.read_peft(adapter) if peft else (None, lora.lora_config(adapter))
+        tensors, config = peft_adapter.read_adapter(adapter)  # our file or a PEFT folder, checked finite
         base = model if model is not None else config["base_model"]
         if base in ("", "None"):
             raise SystemExit(f"error: {adapter} does not name its base model; say which with --model")
-        if peft:
-            loaded = peft_adapter.put_adapter(GPT.from_pretrained(base), tensors, config, adapter)
-        else:
-            loaded = lora.load_adapter(GPT.from_pretrained(base), adapter)  # sets data_format from the adapter
-        if not all(t.isfinite().all() for t in lora.lora_state_dict(loaded).values()):
-            raise SystemExit(f"error: {adapter} holds NaN or infinite numbers: its training diverged")
-        return loaded
+        return peft_adapter.put_adapter(GPT.from_pretrained(base), tensors, config, adapter)  # sets data_format
     loaded = GPT.from_pretrained(model if model is not None else "gpt2")
     loaded.data_format = "paper"  # a base model has none: prompts take the default format
     return loaded

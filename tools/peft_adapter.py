@@ -321,11 +321,12 @@ def fill_zeros(tensors, targets, n_layer, rank, n_embd):
 
 
 def read_adapter(path):
-    """(tensors, config) of an adapter in either format: our .safetensors file or a PEFT folder."""
-    if is_peft_folder(path):
-        return read_peft(path)
-    config = lora.lora_config(path)
-    return load_safetensors(path)[0], config
+    """(tensors, config) of an adapter in either format: our .safetensors file or a PEFT folder. One with a NaN or
+    infinite number (a diverged run, or another tool's) is refused: it would only generate garbage."""
+    tensors, config = read_peft(path) if is_peft_folder(path) else (load_safetensors(path)[0], lora.lora_config(path))
+    if not all(t.isfinite().all() for t in tensors.values()):
+        raise SystemExit(f"error: {path} holds NaN or infinite numbers: its training diverged")
+    return tensors, config
 
 
 # ----------------------------------------------------------------------------------------------------------
