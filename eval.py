@@ -26,13 +26,15 @@ import torch
 from tqdm import tqdm
 
 import lora
+from beam import beam_search
+from checkpoints import run as preflight
+from checkpoints.loading import describe_lora, load_model
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
-from tools import metrics, preflight
-from tools.beam import beam_search
-from tools.device import pick_device, pick_dtype
-from tools.files import atomic_write
-from tools.loading import describe_lora, load_model
+from metrics import e2e as metrics
+from plumbing.device import pick_device, pick_dtype
+from plumbing.errors import UserError, reported
+from plumbing.files import atomic_write
 
 SCORE_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")  # metrics.score_all's keys, in the paper's order
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the paper prints these x100 (BLEU 70.4 is 0.704 from the scorer)
@@ -81,16 +83,16 @@ def check_args(args):
     """A one-line error for options that cannot go together or values that make no sense."""
     if args.hyp is not None or args.refs is not None:
         if args.hyp is None or args.refs is None:
-            raise SystemExit("error: --hyp and --refs go together: the outputs to score and the CSV of references")
+            raise UserError("--hyp and --refs go together: the outputs to score and the CSV of references")
         if args.model is not None or args.adapter is not None or args.merged is not None:
-            raise SystemExit("error: --hyp scores a file of outputs; it takes no --model, --adapter or --merged")
+            raise UserError("--hyp scores a file of outputs; it takes no --model, --adapter or --merged")
         return
     for name in ("beam", "max_new_tokens", "limit", "val_examples", "val_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{name} must be at least 1, got {value}")
+            raise UserError(f"--{name} must be at least 1, got {value}")
     if args.no_repeat_ngram < 0:
-        raise SystemExit(f"error: --no_repeat_ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
+        raise UserError(f"--no_repeat_ngram must be 0 (off) or more, got {args.no_repeat_ngram}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,11 +117,11 @@ def read_hyps(path):
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file") from None
+        raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise SystemExit(f"error: cannot read {path}: {e.strerror or e}") from None
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     return [line.strip() for line in text.splitlines()]
 
 
@@ -132,7 +134,7 @@ def score_hyp_file(hyp_path, refs_csv):
     refs = [mr_refs for _, mr_refs in prepare.unique_mrs(prepare.read_csv(refs_csv))]
     hyps = read_hyps(hyp_path)
     if len(hyps) != len(refs):
-        raise SystemExit(f"error: {hyp_path} has {len(hyps)} lines but {refs_csv} has {len(refs)} unique MRs: need "
+        raise UserError(f"{hyp_path} has {len(hyps)} lines but {refs_csv} has {len(refs)} unique MRs: need "
                         f"one output line per MR, in the order the MRs first appear")
     return metrics.score_all(hyps, refs), len(refs)
 
@@ -159,11 +161,11 @@ def table(name, split, n_mrs, val_loss, scores, meteor_asked=True):
 # ----------------------------------------------------------------------------------------------------------
 # Decoding
 
-def decode(model, enc, mrs, args, autocast):
+def decode(model, enc, mrs, data_format, args, autocast):
     """Each MR's beam-search output as one line of text (one MR's beams go through the model together)."""
     outputs = []
     for mr in tqdm(mrs, desc="beam search", unit=" MR", dynamic_ncols=True):
-        prompt = prepare.prompt_tokens(enc, mr, model.data_format)
+        prompt = prepare.prompt_tokens(enc, mr, data_format)
         with autocast:
             tokens = beam_search(model, prompt, beam=args.beam, max_new_tokens=args.max_new_tokens,
                                  length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
@@ -188,14 +190,15 @@ def evaluate(args):
     out = default_out(args)
     predictions_path = out / f"predictions_{args.split}.txt"
     if predictions_path.exists() and not args.force:
-        raise SystemExit(f"error: {predictions_path} exists (results.jsonl may point at it); pass --force to "
+        raise UserError(f"{predictions_path} exists (results.jsonl may point at it); pass --force to "
                          f"replace it, or another --out")
     preflight.writable_folder(out)  # found out now, not after decoding everything
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    model = load_model(model=args.model, adapter=args.adapter, merged=args.merged)
-    references = args.references or model.data_format
+    model, data_format = load_model(model=args.model, adapter=args.adapter, merged=args.merged)
+    lora_settings = lora.config_of(model)
+    references = args.references or data_format
     # Fold the adapter into the weights, as loralib does in eval mode: the same function (up to rounding), and
     # one matmul per projection instead of one plus two per update.
     lora.merge_lora(model)
@@ -204,17 +207,15 @@ def evaluate(args):
 
     data = Path(args.data)
     splits = [args.split] + (["dev"] if not args.no_val_loss and args.split != "dev" else [])
-    missing = [split for split in splits if not prepare.is_prepared(data, split)]
-    if missing:
-        prepare.prepare(data, splits=missing, data_format=model.data_format)
+    prepare.prepare_missing(data, splits, data_format)
     for split in splits:
-        if prepare.read_format(data, split) != model.data_format:
-            raise SystemExit(f"error: {data} holds {split} in the {prepare.read_format(data, split)} format, but the "
-                             f"model was trained on the {model.data_format} format; pass --data with that format")
+        if prepare.read_format(data, split) != data_format:
+            raise UserError(f"{data} holds {split} in the {prepare.read_format(data, split)} format, but the "
+                             f"model was trained on the {data_format} format; pass --data with that format")
     items = prepare.load_mrs(data, args.split)[:args.limit]
     refs = [item["format_refs"] if references == "paper" else item["refs"] for item in items]
     name = args.adapter or args.merged or model.name_or_path
-    longest = max(len(prepare.prompt_tokens(enc, item["mr"], model.data_format)) for item in items)
+    longest = max(len(prepare.prompt_tokens(enc, item["mr"], data_format)) for item in items)
     max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)
     if max_new_tokens < args.max_new_tokens:
         print(f"note: --max_new_tokens {args.max_new_tokens} capped at {max_new_tokens}: the longest prompt has "
@@ -231,7 +232,7 @@ def evaluate(args):
         print(f"val loss {val_loss:.4f} (mean per target token over {n_examples:,} dev examples)")
 
     t0 = time.perf_counter()
-    predictions = decode(model, enc, [item["mr"] for item in items], args, autocast)
+    predictions = decode(model, enc, [item["mr"] for item in items], data_format, args, autocast)
     decode_seconds = time.perf_counter() - t0
     write_lines(predictions_path, predictions)
 
@@ -244,8 +245,8 @@ def evaluate(args):
     record = dict(
         date=datetime.now().isoformat(timespec="seconds"), model=str(name),
         base_model=str(model.name_or_path), adapter=args.adapter, merged=args.merged,
-        lora=describe_lora(model.lora_config) if hasattr(model, "lora_config") else None,
-        data_format=model.data_format, references=references, split=args.split,
+        lora=describe_lora(lora_settings) if lora_settings else None, data_format=data_format,
+        references=references, split=args.split,
         mrs=len(items), val_loss=val_loss, val_examples=args.val_examples,
         scores=scores,  # the scorer's units: BLEU, METEOR, ROUGE_L in 0..1
         settings=dict(beam=args.beam, length_penalty=args.length_penalty,
@@ -263,11 +264,12 @@ def evaluate(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)
-    if args.hyp is None:
-        return evaluate(args)
-    t0 = time.perf_counter()
-    scores, n_mrs = score_hyp_file(args.hyp, args.refs)
+    with reported():
+        check_args(args)
+        if args.hyp is None:
+            return evaluate(args)
+        t0 = time.perf_counter()
+        scores, n_mrs = score_hyp_file(args.hyp, args.refs)
     print(f"scored {n_mrs} MRs in {time.perf_counter() - t0:.1f} s against the official references of {args.refs}")
     print(table(args.hyp, Path(args.refs).name, n_mrs, None, scores))
 

@@ -21,19 +21,18 @@ rounded once to fp32 (measured on the same model: 2e-6).
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import lora
-from data.e2e.prepare import DATA_DIR, EOT, get_tokenizer, load_mrs, prompt_tokens
+from checkpoints.loading import describe, describe_lora, load_model
+from checkpoints.merged import compare, model_outputs, write_checkpoint
+from data.e2e.prepare import DATA_DIR, get_tokenizer, load_mrs, prompt_tokens
 from model import GPT
-from tools.device import pick_device
-from tools.files import atomic_dir, save_safetensors
-from tools.hf_checkpoint import hf_config, hf_state_dict
-from tools.loading import describe, describe_lora, load_model
+from plumbing.device import pick_device
+from plumbing.errors import UserError, reported
+from plumbing.files import atomic_dir
 
 # The check's prompts when no prepared E2E dev MRs are found in --data: E2E MRs (in the adapter's data format)
 # and plain text.
@@ -85,30 +84,18 @@ def parse_args(argv=None):
 def check_options(args):
     """Refuse option values that cannot work, before anything is loaded."""
     if args.out is None and not args.check_only:
-        raise SystemExit("error: give --out DIR for the merged checkpoint, or --check-only to write nothing")
+        raise UserError("give --out DIR for the merged checkpoint, or --check-only to write nothing")
     if args.out is not None and not args.check_only and args.out.exists():
-        raise SystemExit(f"error: {args.out} already exists; choose another --out (a merge never overwrites)")
+        raise UserError(f"{args.out} already exists; choose another --out (a merge never overwrites)")
     for name in ("n_check", "check_tokens"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be at least 1, got {getattr(args, name)}")
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.tolerance < 0:
-        raise SystemExit(f"error: --tolerance must be 0 or more, got {args.tolerance}")
+        raise UserError(f"--tolerance must be 0 or more, got {args.tolerance}")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writing
-
-def write_checkpoint(model, folder, metadata):
-    """model.safetensors and config.json of the merged model into folder."""
-    if not all(layer.merged for layer in lora.lora_layers(model)):
-        raise ValueError("merge the LoRA layers first: until then the weights are the base model's")
-    weights = hf_state_dict(model.state_dict())  # the updates are in W now; the LoRA tensors are left out
-    save_safetensors(weights, Path(folder) / "model.safetensors", {"format": "pt", **metadata})
-    (Path(folder) / "config.json").write_text(json.dumps(hf_config(model.config), indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Checking: merged against unmerged on the same prompts.
+# Checking: merged against unmerged on the same prompts (checkpoints/merged.py computes the figures).
 
 def check_prompts(data_dir, n, max_len, data_format):
     """(token lists, where they came from): the first n E2E dev MRs in the adapter's data format when they are
@@ -133,33 +120,6 @@ def training_data(adapter):
     return DATA_DIR
 
 
-@torch.no_grad()
-def model_outputs(model, prompts, check_tokens, desc):
-    """For each prompt: the logits (T, vocab) at its positions, on the CPU, and its greedy continuation of
-    check_tokens tokens (stopping at <|endoftext|>) as a list of token ids."""
-    device = model.transformer.wte.weight.device
-    logits, continuations = [], []
-    for tokens in tqdm(prompts, desc=desc, unit=" prompts"):
-        idx = torch.tensor([tokens], device=device)
-        logits.append(model(idx)[0][0].cpu())
-        out = model.generate(idx, check_tokens, temperature=0.0, eos_token=EOT)
-        continuations.append(out[0, len(tokens):].tolist())
-    return logits, continuations
-
-
-def compare(unmerged, merged):
-    """max and mean |logit difference| over every position of every prompt, and how many of the greedy
-    continuations are the same token for token."""
-    max_diff, total, count = 0.0, 0.0, 0
-    for a, b in zip(unmerged[0], merged[0], strict=True):
-        diff = (a - b).abs()
-        max_diff = max(max_diff, diff.max().item())
-        total += diff.double().sum().item()
-        count += diff.numel()
-    same = sum(a == b for a, b in zip(unmerged[1], merged[1], strict=True))
-    return dict(max_diff=max_diff, mean_diff=total / count, same=same, n=len(unmerged[1]))
-
-
 def report(figures, args, what):
     """Print the figures; a one-line error when the merged model is not the unmerged one."""
     print(f"{what} vs unmerged base + adapter, computed in float64:")
@@ -168,7 +128,7 @@ def report(figures, args, what):
     print(f"  greedy continuations of {args.check_tokens} tokens identical: "
           f"{figures['same']} of {figures['n']}")
     if figures["max_diff"] > args.tolerance or figures["same"] != figures["n"]:
-        raise SystemExit(f"error: the merged model differs from the unmerged one: max |logit difference| "
+        raise UserError(f"the merged model differs from the unmerged one: max |logit difference| "
                         f"{figures['max_diff']:.3e} (tolerance {args.tolerance:.0e}), "
                         f"{figures['n'] - figures['same']} of {figures['n']} greedy continuations differ; "
                         f"{'nothing was written' if not args.check_only else 'the merge is wrong'}")
@@ -180,15 +140,14 @@ def merge(args):
     device = pick_device(args.device)
     if device.startswith("mps"):
         device = "cpu"  # the check needs float64, which mps lacks
-    model = load_model(model=args.model, adapter=args.adapter)  # the adapter names its base; --model wins
+    model, data_format = load_model(model=args.model, adapter=args.adapter)  # the adapter names its base
     description = describe(model)
     model.to(device).eval()
     print(f"{description}, adapter {args.adapter}, on {device}")
     if args.check_tokens >= model.config.block_size:
-        raise SystemExit(f"error: --check_tokens must be below the model's block_size {model.config.block_size}")
+        raise UserError(f"--check_tokens must be below the model's block_size {model.config.block_size}")
     prompts, source = check_prompts(args.data or training_data(args.adapter), args.n_check,
-                                    model.config.block_size - args.check_tokens,
-                                    model.data_format)
+                                    model.config.block_size - args.check_tokens, data_format)
     print(f"checking on {source}")
     model.double()  # the check computes in float64 (see the top of this file)
     unmerged = model_outputs(model, prompts, args.check_tokens, "unmerged")
@@ -203,8 +162,7 @@ def merge(args):
         return figures
 
     metadata = {"base_model": str(model.name_or_path), "adapter": str(args.adapter),
-                "lora": describe_lora(model.lora_config),
-                "data_format": model.data_format}
+                "lora": describe_lora(lora.config_of(model)), "data_format": data_format}
     with atomic_dir(args.out) as tmp:
         write_checkpoint(model, tmp, metadata)
         del model  # free its memory before the copy on disk is loaded
@@ -218,7 +176,9 @@ def merge(args):
 
 def main(argv=None):
     """Merge, write and check; returns the check's figures (max_diff, mean_diff, same, n)."""
-    return merge(parse_args(argv))
+    args = parse_args(argv)
+    with reported():
+        return merge(args)
 
 
 if __name__ == "__main__":

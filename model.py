@@ -13,7 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tools import hf_checkpoint  # file plumbing: finds, downloads and checks OpenAI's checkpoint files
+# The project's lowest layer, which imports nothing above it: from_pretrained reads OpenAI's files through it
+# (finding, downloading, checking them is plumbing; the transpose and the tied head below are the lesson).
+from plumbing import hf_checkpoint
+from plumbing.errors import UserError
 
 
 @dataclass
@@ -35,7 +38,7 @@ class KVCache:
 
     def __init__(self, config, batch_size, max_len, device, dtype):
         if max_len > config.block_size:
-            raise ValueError(f"{max_len} positions asked for, but the model has only {config.block_size}")
+            raise UserError(f"{max_len} positions asked for, but the model has only {config.block_size}")
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -153,7 +156,7 @@ class GPT(nn.Module):
         past = 0 if cache is None else cache.length
         T = idx.size(1)
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
+            raise UserError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):

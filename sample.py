@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
+from beam import beam_search
+from checkpoints.adapters import AdapterBank, read_adapter
+from checkpoints.loading import describe, load_model
 from data.e2e.prepare import EOT, get_tokenizer, prompt_tokens
 from model import GPT
-from tools.beam import beam_search
-from tools.device import pick_device, pick_dtype
-from tools.loading import describe, load_model
-from tools.peft_adapter import AdapterBank, read_adapter
+from plumbing.device import pick_device, pick_dtype
+from plumbing.errors import UserError, reported
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
 FILE_PREFIX = "FILE:"  # --prompt FILE:path reads the prompt from a file
@@ -93,20 +94,20 @@ def parse_args(argv=None):
 def check_options(args):
     """Refuse option values that make no sense, each with a one-line reason."""
     if args.adapter is not None and args.merged is not None:
-        raise SystemExit("error: --adapter and --merged cannot be used together: a merged checkpoint already holds "
+        raise UserError("--adapter and --merged cannot be used together: a merged checkpoint already holds "
                         "its adapter")
     if args.model is not None and args.merged is not None:
-        raise SystemExit("error: --model and --merged cannot be used together: --merged DIR is the whole model")
+        raise UserError("--model and --merged cannot be used together: --merged DIR is the whole model")
     if args.prompt is not None and args.mr is not None:
-        raise SystemExit("error: --prompt and --mr cannot be used together: give one prompt")
+        raise UserError("--prompt and --mr cannot be used together: give one prompt")
     for name in ("num_samples", "max_new_tokens", "top_k", "beam"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise SystemExit(f"error: --{name} must be at least 1, got {value}")
+            raise UserError(f"--{name} must be at least 1, got {value}")
     if args.temperature < 0:
-        raise SystemExit(f"error: --temperature must be 0 or more, got {args.temperature}")
+        raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise SystemExit(f"error: --top_p must be in (0, 1], got {args.top_p}")
+        raise UserError(f"--top_p must be in (0, 1], got {args.top_p}")
 
 
 def read_prompt(args):
@@ -117,24 +118,24 @@ def read_prompt(args):
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as e:
-            raise SystemExit(f"error: cannot read the prompt file {path}: {e.strerror or e}") from None
+            raise UserError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
-            raise SystemExit(f"error: the prompt file {path} is not UTF-8 text ({e.reason})") from None
+            raise UserError(f"the prompt file {path} is not UTF-8 text ({e.reason})") from None
         text = text.removesuffix("\n")  # the newline an editor puts at the end is not part of the prompt
     return text
 
 
-def encode_prompt(args, model):
+def encode_prompt(args, model, data_format):
     """The prompt's token ids: --mr in the model's data format, or the text (empty: <|endoftext|> alone, how
     GPT-2 starts a new text). encode_ordinary, as in training: "<|endoftext|>" typed in a prompt stays text."""
     enc = get_tokenizer()
     if args.mr is not None:
-        tokens = prompt_tokens(enc, args.mr, getattr(model, "data_format", "paper"))
+        tokens = prompt_tokens(enc, args.mr, data_format)
     else:
         tokens = enc.encode_ordinary(read_prompt(args)) or [EOT]
     block_size = model.config.block_size
     if len(tokens) + args.max_new_tokens > block_size:
-        raise SystemExit(f"error: the prompt is {len(tokens)} tokens; with --max_new_tokens {args.max_new_tokens} "
+        raise UserError(f"the prompt is {len(tokens)} tokens; with --max_new_tokens {args.max_new_tokens} "
                          f"that is more than the model's {block_size} positions (shorten the prompt or lower "
                          f"--max_new_tokens)")
     return tokens
@@ -167,9 +168,9 @@ def heading(args, i, n):
     return "--- greedy ---" if args.greedy else f"--- sample {i}/{n} ---"
 
 
-def sample_and_print(model, args):
+def sample_and_print(model, data_format, args):
     """The prompt and the outputs of model, printed; returns the texts of the outputs (the continuations only)."""
-    tokens = encode_prompt(args, model)
+    tokens = encode_prompt(args, model, data_format)
     texts = [get_tokenizer().decode(new_tokens) for new_tokens in generate(model, tokens, args)]
     print(f"prompt: {get_tokenizer().decode(tokens)!r}")
     for i, continuation in enumerate(texts, start=1):
@@ -181,9 +182,9 @@ def sample_and_print(model, args):
 def sample_several(args, device, dtype):
     """Each adapter's outputs for the same prompt and seed, switching adapters on one base model in memory;
     returns {adapter: texts}."""
-    bases = {str(read_adapter(path)[1]["base_model"]) for path in args.adapter}
+    bases = {str(read_adapter(path)[1].base_model) for path in args.adapter}
     if args.model is None and (len(bases) > 1 or bases & {"", "None"}):
-        raise SystemExit(f"error: the adapters name the base models {', '.join(sorted(bases))}; say which with --model")
+        raise UserError(f"the adapters name the base models {', '.join(sorted(bases))}; say which with --model")
     model = GPT.from_pretrained(args.model or bases.pop()).to(device=device, dtype=dtype).eval()
     bank = AdapterBank(model)
     for path in args.adapter:
@@ -194,13 +195,19 @@ def sample_several(args, device, dtype):
     for name in bank.adapters:
         bank.use(name)
         print(f"=== adapter {name}: {describe(model)} ===")
-        outputs[name] = sample_and_print(model, args)
+        outputs[name] = sample_and_print(model, bank.adapters[name][1].data_format, args)
     return outputs
 
 
 def main(argv=None):
     """Sample and print; returns the texts of the outputs (the continuations only), by adapter if several."""
     args = parse_args(argv)
+    with reported():
+        return sample(args)
+
+
+def sample(args):
+    """What main does, for parsed arguments; mistakes raise UserError."""
     check_options(args)
     if args.prompt is not None:
         read_prompt(args)  # a missing prompt file is found before the model loads
@@ -209,10 +216,10 @@ def main(argv=None):
     if args.adapter is not None and len(args.adapter) > 1:
         return sample_several(args, device, dtype)
     adapter = args.adapter[0] if args.adapter else None
-    model = load_model(model=args.model, adapter=adapter, merged=args.merged)
+    model, data_format = load_model(model=args.model, adapter=adapter, merged=args.merged)
     model.to(device=device, dtype=dtype).eval()
     print(f"{describe(model)}, on {device} in {str(dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
-    return sample_and_print(model, args)
+    return sample_and_print(model, data_format, args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ ckpt.pt (everything --resume needs to continue exactly where it stopped).
 import argparse
 import contextlib
 import itertools
-import json
 import math
 import os
 import time
@@ -25,14 +24,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from checkpoints import run
+from checkpoints.loading import trainable_report
 from data.e2e import prepare
 from data.e2e.batches import batch_order, dev_loss, load_split, make_batch, target_count
-from lora import apply_lora, lora_state_dict, save_adapter, scale
+from lora import TARGETS, LoRAConfig, apply_lora
 from model import GPT
-from tools import preflight
-from tools.device import compile_for_training, pick_dtype
-from tools.files import atomic_torch_save, atomic_write
-from tools.loading import trainable_report
+from plumbing.device import compile_for_training, pick_dtype
+from plumbing.errors import UserError, reported
 
 # Arguments that define what is trained: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ("model", "rank", "alpha", "dropout", "targets", "rslora", "init", "data", "epochs", "batch_size",
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha / r")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout on the LoRA branch's input")
-    p.add_argument("--targets", nargs="+", default=["q", "v"], choices=["q", "k", "v", "o", "mlp"],
+    p.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS,
                    help="which projections get an update")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian"], help="how A starts")
@@ -98,23 +97,12 @@ def batches(train_split, args):
             step += 1
 
 
-def save_checkpoint(out, model, opt, step, total, args, log, data_format):
-    """Everything needed to continue exactly (LoRA weights, optimizer, RNG states, step), the adapter, the log."""
-    state = dict(lora=lora_state_dict(model), optimizer=opt.state_dict(), step=step, total=total,
-                 args=vars(args), torch_rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    save_adapter(model, out / "adapter.safetensors", data_format)  # first: it refuses non-finite tensors
-    atomic_torch_save(state, out / "ckpt.pt")
-    with atomic_write(out / "log.jsonl") as f:
-        f.write("".join(json.dumps(line) + "\n" for line in log).encode())
-
-
 def train(args):
     """Run the training described by args; returns the trained model (LoRA applied, not merged)."""
     # Processes: one, or one of torchrun's (each on the GPU of its LOCAL_RANK with NCCL, or on the CPU with gloo).
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    master = rank == 0
-    device, out = preflight.check_train(args, world_size), Path(args.out)
+    world_size, process = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    master = process == 0
+    device, out = run.check_train(args, world_size), Path(args.out)
     if world_size > 1:
         if device.startswith("cuda"):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -123,9 +111,7 @@ def train(args):
     dtype = pick_dtype(args.dtype, device)
 
     if master:  # data: prepared (and downloaded) once, by the first process
-        missing = [s for s in ("train", "dev") if not prepare.is_prepared(args.data, s)]
-        if missing:
-            prepare.prepare(args.data, splits=missing, data_format=args.format)
+        prepare.prepare_missing(args.data, ("train", "dev"), args.format)
     if world_size > 1:
         dist.barrier()
     train_split, dev_split = load_split(args.data, "train"), load_split(args.data, "dev")
@@ -133,54 +119,48 @@ def train(args):
     # The model: the frozen base plus LoRA. The same seed on every process gives every process the same A.
     torch.manual_seed(args.seed)
     model = GPT.from_pretrained(args.model)
-    apply_lora(model, rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=args.targets,
-               rslora=args.rslora, init=args.init)
+    config = LoRAConfig(rank=args.rank, alpha=args.alpha, targets=args.targets, dropout=args.dropout,
+                        rslora=args.rslora, init=args.init)
+    apply_lora(model, config)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     total = args.max_iters or args.epochs * math.ceil(len(train_split) / args.batch_size)
 
-    start, log = 0, []
-    if args.resume:
-        state = preflight.load_checkpoint(out / "ckpt.pt", args, RUN_DEFINING)
-        with torch.no_grad():
-            for name, tensor in lora_state_dict(model).items():
-                tensor.copy_(state["lora"][name])
-        opt.load_state_dict(state["optimizer"])
-        start = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][:start]
+    # --resume: the LoRA weights, optimizer, RNG states, step and log exactly as they were saved
+    start, log = run.resume(out, model, opt, args, RUN_DEFINING) if args.resume else (0, [])
 
     # DDP averages the gradients of the processes during backward; each process's loss is scaled below so
     # that the average is the gradient of the mean loss over the whole global batch.
     ddp_model = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world_size > 1 else model
-    forward = compile_for_training(ddp_model) if args.compile else ddp_model  # see tools/device.py
+    forward = compile_for_training(ddp_model) if args.compile else ddp_model  # see plumbing/device.py
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     if master:
-        print(f"{args.model}: r={args.rank} alpha={args.alpha:g} on {','.join(model.lora_config['targets'])} "
-              f"(scale {scale(args.alpha, args.rank, args.rslora):g}), {trainable_report(model)}")
+        print(f"{args.model}: r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)} "
+              f"(scale {config.scale:g}), {trainable_report(model)}")
         print(f"{len(train_split):,} training examples ({train_split.data_format} format), {total:,} steps of "
               f"{args.batch_size}, on {device} ({str(dtype).removeprefix('torch.')}), {world_size} process(es)")
 
-    def eval_step(step):
-        return step % args.eval_interval == 0 or step == total
+    def eval_due(done):
+        return done % args.eval_interval == 0 or done == total
 
-    def evaluate_and_save(step):
+    def save(done):
+        run.save(out, model, opt, done, total, args, log, train_split.data_format)
+
+    def evaluate_and_save(done):
         log[-1]["val_loss"] = round(dev_loss(model, dev_split, args.batch_size, device, args.eval_examples,
                                              autocast), 6)
-        save_checkpoint(out, model, opt, step, total, args, log, train_split.data_format)
-        bar.write(f"step {step}: val loss {log[-1]['val_loss']:.4f}")
+        save(done)
+        bar.write(f"step {done}: val loss {log[-1]['val_loss']:.4f}")
 
     model.train()
     bar = tqdm(total=total, initial=start, desc="training", disable=not master, dynamic_ncols=True)
-    step = start
+    done = start  # optimizer steps taken so far
     try:
-        if master and log and log[-1]["step"] == start and eval_step(start) and "val_loss" not in log[-1]:
+        if master and log and log[-1]["step"] == start and eval_due(start) and "val_loss" not in log[-1]:
             evaluate_and_save(start)  # the run was stopped during this step's evaluation: do it now
-        for step, indices in batches(train_split, args):
+        for step, indices in batches(train_split, args):  # step: the index of this step, from 0
             if step < start:
                 continue  # done before the resume: skipped without touching any RNG
             if step >= total or (args.stop_after is not None and step >= args.stop_after):
@@ -192,7 +172,7 @@ def train(args):
             # The global batch, cut into world_size x grad_accum pieces; this process takes its share. Each piece's
             # mean loss is weighted by its share of the batch's targets, so the gradients add up to those of the
             # mean loss over the whole batch, however it is split.
-            pieces = np.array_split(indices, world_size * args.grad_accum)[rank::world_size]
+            pieces = np.array_split(indices, world_size * args.grad_accum)[process::world_size]
             n_targets, loss_sum = target_count(train_split, indices), 0.0
             for i, piece in enumerate(pieces):
                 x, y = make_batch(train_split, piece)
@@ -209,41 +189,43 @@ def train(args):
                 loss_sum = loss_sum.item()
             if not math.isfinite(loss_sum):
                 saved = max([start] + [line["step"] for line in log if "val_loss" in line])
-                raise SystemExit(f"error: the loss became {loss_sum} at step {step + 1}; the last good checkpoint in "
+                raise UserError(f"the loss became {loss_sum} at step {step + 1}; the last good checkpoint in "
                                  f"{out} (step {saved}) is intact (nothing non-finite is ever saved). Try a lower "
                                  f"--lr or --dtype fp32")
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            step += 1
+            done = step + 1
             n_tokens = int((train_split.lengths[indices] - 1).sum())  # all processes together, no padding
-            log.append(dict(step=step, loss=round(loss_sum, 6), lr=lr,
+            log.append(dict(step=done, loss=round(loss_sum, 6), lr=lr,
                             tokens_per_s=round(n_tokens / (time.perf_counter() - t0))))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=log[-1]["tokens_per_s"])
-            if master and eval_step(step):
-                evaluate_and_save(step)
+            if master and eval_due(done):
+                evaluate_and_save(done)
     except KeyboardInterrupt:
         if master:
-            bar.write(f"interrupted: saving step {step} to {out}; continue with the same command and --resume")
-            save_checkpoint(out, model, opt, step, total, args, log, train_split.data_format)
-        raise SystemExit(130) from None
+            bar.write(f"interrupted: saving step {done} to {out}; continue with the same command and --resume")
+            save(done)
+        raise  # main() exits with status 130
     finally:
         bar.close()
         if world_size > 1:
             dist.destroy_process_group()
     if master:
-        save_checkpoint(out, model, opt, step, total, args, log, train_split.data_format)
-        if step == total:
-            print(f"done: {step} steps, final val loss {log[-1]['val_loss']:.4f}")
+        save(done)
+        if done == total:
+            print(f"done: {done} steps, final val loss {log[-1]['val_loss']:.4f}")
         else:
-            print(f"stopped at step {step} of {total}; continue with the same command and --resume")
+            print(f"stopped at step {done} of {total}; continue with the same command and --resume")
         print(f"adapter: {out / 'adapter.safetensors'}")
     return model
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    with reported():
+        train(args)
 
 
 if __name__ == "__main__":

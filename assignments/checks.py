@@ -50,7 +50,7 @@ def tiny_config(**shape):
 def loading(seed, dropout=0.0, **shape):
     """Write a random GPT-2 checkpoint in OpenAI's layout (Conv1D weights (in, out)), load it."""
     from model import GPT
-    from tools import files, hf_checkpoint
+    from plumbing import files, hf_checkpoint
 
     config = tiny_config(**shape)
     source = GPT(config)
@@ -118,7 +118,7 @@ def cache_store(seed, batch, n_head, head_size, steps):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Part 2: scale, LoRAUpdate.__init__, LoRALinear.forward, LoRALinear.merge
+# Part 2: scale, LoRAUpdate.__init__, LoRALinear.forward, LoRALinear.merge and unmerge
 
 
 def lora_layer(seed, in_features, out_features, rank, alpha, slices, rslora=False, init="kaiming"):
@@ -135,8 +135,8 @@ def lora_layer(seed, in_features, out_features, rank, alpha, slices, rslora=Fals
     x = torch.randn(3, 5, in_features, generator=g)
     out = {"scale(alpha, rank, rslora)": float(lora.scale(alpha, rank, rslora))}
     torch.manual_seed(seed)
-    layer = lora.LoRALinear(base, {name: tuple(s) for name, s in slices.items()}, rank, alpha, rslora=rslora,
-                            init=init)
+    config = lora.LoRAConfig(rank=rank, alpha=alpha, rslora=rslora, init=init)
+    layer = lora.LoRALinear(base, {name: tuple(s) for name, s in slices.items()}, config)
     out["layer.scale"] = float(layer.scale)
     for name, update in sorted(layer.lora.items()):
         A, B = update.lora_A, update.lora_B
@@ -160,9 +160,9 @@ def lora_layer(seed, in_features, out_features, rank, alpha, slices, rslora=Fals
     for name, update in sorted(layer.lora.items()):
         out[f"{name}: gradient of A"], out[f"{name}: gradient of B"] = update.lora_A.grad, update.lora_B.grad
     with torch.no_grad():
-        for step, sign in enumerate([1, 1, -1, -1]):
-            layer.merge(sign=sign)
-            what = f"after merge(sign={sign}) #{step}"
+        for step, action in enumerate(["merge", "merge", "unmerge", "unmerge"]):
+            getattr(layer, action)()
+            what = f"after {action}() #{step}"
             out[f"{what}: weight"] = layer.weight.detach().clone()
             out[f"{what}: output"] = layer(x)
             out[f"{what}: merged"] = bool(layer.merged)
@@ -179,7 +179,7 @@ TABLE5_RANKS = [8, 8, 8, 8, 4, 4, 2]
 
 def placement(seed, rank, alpha, settings, **shape):
     """Which modules apply_lora wraps, on which output slices, what is trainable, and what it records."""
-    from lora import LoRALinear, apply_lora
+    from lora import LoRAConfig, LoRALinear, apply_lora, config_of
     from model import GPT
 
     out = {}
@@ -187,7 +187,8 @@ def placement(seed, rank, alpha, settings, **shape):
         torch.manual_seed(seed)
         model = GPT(tiny_config(**shape))
         key = ",".join(targets)
-        out[f"{key}: returns the model"] = apply_lora(model, rank=rank, alpha=alpha, targets=targets) is model
+        config = LoRAConfig(rank=rank, alpha=alpha, targets=targets)
+        out[f"{key}: returns the model"] = apply_lora(model, config) is model
         trainable = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
         out[f"{key}: trainable parameters"] = sorted(trainable.items())
         out[f"{key}: trainable count"] = sum(math.prod(s) for s in trainable.values())
@@ -195,23 +196,21 @@ def placement(seed, rank, alpha, settings, **shape):
         out[f"{key}: LoRALinear modules"] = [
             (name, sorted((k, tuple(int(i) for i in s)) for k, s in m.slices.items()), float(m.scale))
             for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-        config = getattr(model, "lora_config", {})
-        out[f"{key}: model.lora_config"] = sorted((k, list(v) if isinstance(v, (list, tuple)) else v)
-                                                  for k, v in config.items())
+        out[f"{key}: every layer keeps the config"] = config_of(model) == config
     return out
 
 
 def table5(n_layer=96, n_embd=12288, n_head=96):
     """Table 5's budget on GPT-3's shape (96 layers, d = 12288): every setting trains 18.9M parameters. One
     layer is built (on the meta device: no memory) and counted 96 times."""
-    from lora import apply_lora
+    from lora import LoRAConfig, apply_lora
     from model import GPT
 
     out = {}
     for targets, rank in zip(TABLE5, TABLE5_RANKS, strict=True):
         with torch.device("meta"):
             model = GPT(tiny_config(n_layer=1, n_head=n_head, n_embd=n_embd, vocab_size=8, block_size=8))
-        apply_lora(model, rank=rank, targets=targets)
+        apply_lora(model, LoRAConfig(rank=rank, targets=targets))
         per_layer = sum(p.numel() for p in model.parameters() if p.requires_grad)
         out[f"{','.join(targets)} r={rank}: trainable in {n_layer} layers"] = per_layer * n_layer
     return out

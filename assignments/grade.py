@@ -24,6 +24,7 @@ from assignments import splice
 from assignments.cases import CASE_SECONDS, PUBLIC
 from assignments.heldout import HELDOUT
 from assignments.parts import ANSWERS, PARTS, WRITTEN, functions_in, part_files, product_files
+from plumbing.errors import UserError, reported
 
 ROOT = Path(__file__).resolve().parents[1]  # the instructor's copy: the reference
 PART_SECONDS = 120  # time limit of one part's process (its cases together)
@@ -152,7 +153,7 @@ def grade(repos, n_parallel=None, part_seconds=PART_SECONDS, case_seconds=CASE_S
     """Grade each repository; returns one report (a dict) per repository."""
     for repo in repos:
         if not Path(repo).is_dir():
-            raise SystemExit(f"error: {repo}: no such folder (give the student's repository)")
+            raise UserError(f"{repo}: no such folder (give the student's repository)")
     n_parallel = n_parallel or os.cpu_count() or 1
     reference = reference_sources()
     with tempfile.TemporaryDirectory(prefix="lora-gpt-grade-", dir=work) as tmp:
@@ -169,7 +170,7 @@ def grade(repos, n_parallel=None, part_seconds=PART_SECONDS, case_seconds=CASE_S
         run_jobs([ref_job], None, 1, part_seconds * len(PARTS), case_seconds)
         if ref_job.error or not expected.is_file():
             log = ref_job.log.read_text(errors="replace") if ref_job.log.is_file() else ""
-            raise SystemExit(f"error: the instructor's copy fails its own checks ({ref_job.error}); fix it "
+            raise UserError(f"the instructor's copy fails its own checks ({ref_job.error}); fix it "
                              f"first:\n{log[-3000:]}")
         run_jobs(jobs, expected, n_parallel, part_seconds, case_seconds)
         for job in jobs:
@@ -234,10 +235,11 @@ def main(argv=None):
     p.add_argument("--part-timeout", type=float, default=PART_SECONDS, help="seconds for one part's process")
     p.add_argument("--case-timeout", type=float, default=CASE_SECONDS, help="seconds for one case")
     args = p.parse_args(argv)
-    if args.gradescope and len(args.repos) != 1:
-        raise SystemExit("error: --gradescope writes the results of one repository: give exactly one REPO")
     start = time.monotonic()
-    reports = grade(args.repos, args.jobs, args.part_timeout, args.case_timeout)
+    with reported():
+        if args.gradescope and len(args.repos) != 1:
+            raise UserError("--gradescope writes the results of one repository: give exactly one REPO")
+        reports = grade(args.repos, args.jobs, args.part_timeout, args.case_timeout)
     for report in reports:
         print(table(report) + "\n")
     print(f"graded {len(reports)} repositor{'y' if len(reports) == 1 else 'ies'} in {time.monotonic() - start:.1f} s")

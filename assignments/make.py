@@ -14,6 +14,7 @@ from pathlib import Path
 
 from assignments import splice
 from assignments.parts import PARTS, functions_in, part_files, product_files
+from plumbing.errors import UserError, reported
 
 ROOT = Path(__file__).resolve().parents[1]
 KIT = Path(__file__).resolve().parent
@@ -75,12 +76,12 @@ def lines_to_write():
 def make(out):
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"error: {out} exists and is not empty: give a new folder")
+        raise UserError(f"{out} exists and is not empty: give a new folder")
     import torch  # here, not at the top: a mistake in the arguments is reported at once
     files = product_files(ROOT)
     missing = [file for file in part_files() if file not in files]
     if missing:
-        raise SystemExit(f"error: parts.py names functions in {', '.join(missing)}, which the project does not have")
+        raise UserError(f"parts.py names functions in {', '.join(missing)}, which the project does not have")
     texts = {}
     for file in files:
         source = ROOT / file
@@ -88,7 +89,7 @@ def make(out):
             try:
                 texts[file] = blanked(file, source.read_text(encoding="utf-8"))
             except KeyError as e:  # a function renamed or moved since parts.py was written
-                raise SystemExit(f"error: parts.py is out of date: {e.args[0]}") from None
+                raise UserError(f"parts.py is out of date: {e.args[0]}") from None
         else:
             texts[file] = None
     expected = expected_numbers()
@@ -118,7 +119,9 @@ def make(out):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a student starter repository of the lora-gpt assignment.")
     p.add_argument("out", metavar="OUT", help="a new (or empty) folder")
-    make(p.parse_args(argv).out)
+    args = p.parse_args(argv)
+    with reported():
+        make(args.out)
 
 
 if __name__ == "__main__":

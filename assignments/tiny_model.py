@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from tools import files, hf_checkpoint
+from plumbing import files, hf_checkpoint
+from plumbing.errors import UserError, reported
 
 
 def write_tiny_model(out, n_layer=4, n_head=4, n_embd=128, seed=0):
     out = Path(out)
     if (out / "model.safetensors").exists():
-        raise SystemExit(f"error: {out} already holds a model.safetensors")
+        raise UserError(f"{out} already holds a model.safetensors")
     torch.manual_seed(seed)
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)  # GPT-2's vocabulary and 1024 positions
     model = GPT(config)
@@ -33,7 +34,8 @@ def main(argv=None):
     p.add_argument("out", metavar="OUT", help="the folder to write model.safetensors and config.json into")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    write_tiny_model(args.out, seed=args.seed)
+    with reported():
+        write_tiny_model(args.out, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def tokenizer_available():
     try:
         get_tokenizer()
         return True
-    except SystemExit:
+    except ValueError:  # the project's UserError
         return False
 
 
@@ -75,11 +75,12 @@ def tiny_gpt2(tmp_path_factory):
 def train_tiny_adapter(base, path, targets=("q", "v"), steps=10, seq_len=8, label=None):
     """Train a rank-4 adapter on base for `steps` AdamW steps (lr 1e-2) on random tokens, to predict the next
     token, or always the token `label`; save it to path and return path."""
-    from lora import apply_lora, save_adapter
+    from checkpoints.adapters import save_adapter
+    from lora import LoRAConfig, apply_lora
     from model import GPT
 
     torch.manual_seed(0)
-    model = apply_lora(GPT.from_pretrained(base), rank=4, alpha=32, targets=targets)
+    model = apply_lora(GPT.from_pretrained(base), LoRAConfig(rank=4, alpha=32, targets=targets))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

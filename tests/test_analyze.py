@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import write_hf_gpt2
 
-from lora import apply_lora, save_adapter
+from checkpoints.adapters import save_adapter
+from lora import LoRAConfig, apply_lora
 from model import GPT
+from plumbing.files import load_safetensors
 from tools import analyze
 from tools.analyze import delta_w, expected_random_grid, projection_norms, similarity_grid, w_delta_similarity
-from tools.files import load_safetensors
 
 
 @pytest.fixture(autouse=True)
@@ -158,8 +159,8 @@ def test_delta_w_is_scale_times_b_a_and_base_weight_takes_the_right_rows():
     torch.testing.assert_close(result, 4.0 * B.float() @ A, rtol=0, atol=1e-6)
     assert analyze.adapted_projections(tensors) == [(1, "v")]
     assert analyze.tensor_prefix(3, "mlp_proj") == "transformer.h.3.mlp.c_proj.lora.mlp"
-    assert analyze.adapter_scale(dict(alpha=16, rank=4, rslora=False)) == 4  # alpha / r
-    assert analyze.adapter_scale(dict(alpha=16, rank=4, rslora=True)) == 8  # alpha / sqrt(r)
+    assert LoRAConfig(alpha=16, rank=4).scale == 4  # alpha / r
+    assert LoRAConfig(alpha=16, rank=4, rslora=True).scale == 8  # alpha / sqrt(r)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def test_delta_w_is_scale_times_b_a_and_base_weight_takes_the_right_rows():
 
 def make_adapter(base, path, rank, seed):
     torch.manual_seed(seed)
-    model = apply_lora(GPT.from_pretrained(base), rank=rank, alpha=8, targets=("q", "v"))
+    model = apply_lora(GPT.from_pretrained(base), LoRAConfig(rank=rank, alpha=8, targets=("q", "v")))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -211,9 +212,13 @@ def test_similarity_cli_prints_phi_per_layer_and_projection(adapters, tmp_path, 
         assert mean == pytest.approx(grid[:2, :2].mean(), abs=6e-5)
         assert random == pytest.approx((1 + 2 + 2 + 2) / 4 / 64, abs=6e-5)  # mean of max(i, j) / d, i, j <= 2
 
+    # a second run into a folder of its own: with matplotlib installed the first one wrote heatmaps there
     analyze.main(["similarity", str(adapters["r2"]), str(adapters["r4"]), "--layer", "1", "--target", "v",
-                  "--out", str(tmp_path)])
+                  "--out", str(tmp_path / "v")])
     assert list(table_rows(capsys.readouterr().out)) == [(1, "v")]
+    assert (tmp_path / "similarity_layer0_q.png").is_file() == analyze.have_matplotlib()
+    assert sorted(p.name for p in (tmp_path / "v").glob("*.png")) == (["similarity_layer1_v.png"]
+                                                                      if analyze.have_matplotlib() else [])
 
 
 def test_deltaw_cli_prints_table7_per_layer_and_projection(adapters, tmp_path, capsys):

@@ -125,36 +125,41 @@ def scale(alpha, rank, rslora=False):
 ''',
         "LoRALinear.merge": '''
     @torch.no_grad()
-    def merge(self, sign=1):
-        want = sign == 1
-        if self.merged != want:
+    def merge(self):
+        if not self.merged:
             for name in self.lora:
                 start, end = self.slices[name]
                 update = self.lora[name]
                 delta = torch.einsum("or,ri->oi", update.lora_B.double(), update.lora_A.double()) * self.scale
-                self.weight[start:end] = (self.weight[start:end].double() + sign * delta).to(self.weight.dtype)
-            self.merged = want
+                self.weight[start:end] = (self.weight[start:end].double() + delta).to(self.weight.dtype)
+            self.merged = True
+''',
+        "LoRALinear.unmerge": '''
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            for name, update in self.lora.items():
+                start, end = self.slices[name]
+                delta = (update.lora_B.double() @ update.lora_A.double()) * self.scale
+                self.weight[start:end] = (self.weight[start:end].double() - delta).to(self.weight.dtype)
+            self.merged = False
 ''',
         "apply_lora": '''
-def apply_lora(model, rank=4, alpha=32, dropout=0.0, targets=("q", "v"), rslora=False, init="kaiming"):
-    if not targets or any(t not in TARGETS for t in targets):
-        raise SystemExit(f"error: unknown LoRA targets {targets}")
-    chosen = [t for t in TARGETS if t in set(targets)]
+def apply_lora(model, config=LoRAConfig()):
+    chosen = [t for t in TARGETS if t in set(config.targets)]
     model.requires_grad_(False)
     C = model.config.n_embd
-    options = dict(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, init=init)
     slices = qkv_slices(C)
     for i in reversed(range(len(model.transformer.h))):
         block = model.transformer.h[i]
         if "mlp" in chosen:
-            block.mlp.c_proj = LoRALinear(block.mlp.c_proj, {"mlp": [0, C]}, **options)
-            block.mlp.c_fc = LoRALinear(block.mlp.c_fc, {"mlp": [0, 4 * C]}, **options)
+            block.mlp.c_proj = LoRALinear(block.mlp.c_proj, {"mlp": [0, C]}, config)
+            block.mlp.c_fc = LoRALinear(block.mlp.c_fc, {"mlp": [0, 4 * C]}, config)
         if "o" in chosen:
-            block.attn.c_proj = LoRALinear(block.attn.c_proj, {"o": (0, C)}, **options)
+            block.attn.c_proj = LoRALinear(block.attn.c_proj, {"o": (0, C)}, config)
         qkv = {t: slices[t] for t in ("q", "k", "v") if t in chosen}
         if qkv:
-            block.attn.c_attn = LoRALinear(block.attn.c_attn, qkv, **options)
-    model.lora_config = dict(rank=rank, alpha=alpha, targets=chosen, rslora=rslora, init=init, dropout=dropout)
+            block.attn.c_attn = LoRALinear(block.attn.c_attn, qkv, config)
     return model
 ''',
     },

@@ -12,9 +12,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from beam import beam_search, repeated_ngram_bans
 from data.e2e.prepare import EOT
 from model import GPT, GPTConfig
-from tools.beam import beam_search, repeated_ngram_bans
+from plumbing.errors import UserError
 
 DUST = 1e-9  # the probability the fake model gives every token its table does not name
 
@@ -166,9 +167,9 @@ def test_all_steps_run_no_early_stop():
 
 def test_prompt_length_and_cap():
     model = FakeModel({(): {3: 1.0}}, block_size=8)
-    with pytest.raises(SystemExit, match="^error: "):
+    with pytest.raises(UserError, match="the prompt has 0 tokens"):
         beam_search(model, [])
-    with pytest.raises(SystemExit, match="^error: "):
+    with pytest.raises(UserError, match="the prompt has 8 tokens"):
         beam_search(model, list(range(8)))
     assert beam_search(model, [1] * 5, beam=2, max_new_tokens=10, no_repeat_ngram=0) == [3, 3, 3]  # 8 - 5
     assert beam_search(model, torch.tensor([1] * 7), beam=2, max_new_tokens=10, no_repeat_ngram=0) == [3]

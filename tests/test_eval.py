@@ -10,13 +10,14 @@ from conftest import write_e2e_csv
 
 import eval
 import lora
+from beam import beam_search
+from checkpoints.adapters import save_adapter
+from checkpoints.loading import load_model
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
 from data.e2e.prepare import get_tokenizer
+from metrics import e2e as metrics
 from model import GPT, GPTConfig
-from tools import metrics
-from tools.beam import beam_search
-from tools.loading import load_model
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
@@ -24,13 +25,13 @@ pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py
 def adapter(tiny_gpt2, tmp_path_factory):
     """An adapter for the tiny model whose B matrices are random, so that it changes the outputs."""
     torch.manual_seed(0)
-    model = lora.apply_lora(GPT.from_pretrained(tiny_gpt2), rank=2, alpha=4)
+    model = lora.apply_lora(GPT.from_pretrained(tiny_gpt2), lora.LoRAConfig(rank=2, alpha=4))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(std=0.5)
     path = tmp_path_factory.mktemp("run") / "adapter.safetensors"
-    lora.save_adapter(model, path)
+    save_adapter(model, path)
     return path
 
 
@@ -70,7 +71,7 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_smal
     assert len(lines) == 4
 
     # The same outputs straight from beam_search, with the paper's length penalty and 4-gram rule
-    model = lora.merge_lora(load_model(adapter=adapter)).eval()
+    model = lora.merge_lora(load_model(adapter=adapter)[0]).eval()
     base = GPT.from_pretrained(tiny_gpt2).eval()
     enc = get_tokenizer()
     items = prepare.load_mrs(e2e_small, "test")[:4]
@@ -167,7 +168,7 @@ def test_mistakes_are_one_line(tiny_gpt2, adapter, e2e_src, tmp_path):
     # An adapter made for another model shape
     other = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
     other.name_or_path = "other"
-    lora.apply_lora(other, rank=2)
-    lora.save_adapter(other, tmp_path / "other.safetensors")
+    lora.apply_lora(other, lora.LoRAConfig(rank=2))
+    save_adapter(other, tmp_path / "other.safetensors")
     message = one_line_error(["--model", str(tiny_gpt2), "--adapter", str(tmp_path / "other.safetensors")])
     assert "does not fit" in message

@@ -13,7 +13,9 @@ import eval
 import sample
 import train
 from data.e2e import prepare
-from tools import analyze, device, files, hf_checkpoint, sweep
+from plumbing import device, files, hf_checkpoint
+from plumbing.errors import UserError
+from tools import analyze, sweep
 
 tokenizer = pytest.mark.tokenizer  # the tests that tokenize text (see conftest.py)
 
@@ -80,13 +82,14 @@ def test_ctrl_c_saves_exits_130_and_a_resumed_run_logs_every_eval(tiny_gpt2, e2e
 @tokenizer
 def test_a_nan_adapter_is_never_written_nor_loaded(tiny_gpt2, tmp_path):
     path = train_tiny_adapter(tiny_gpt2, tmp_path / "adapter.safetensors", steps=1)
-    from lora import apply_lora, save_adapter
+    from checkpoints.adapters import save_adapter
+    from lora import apply_lora
     from model import GPT
 
     model = apply_lora(GPT.from_pretrained(tiny_gpt2))
     with torch.no_grad():
         model.transformer.h[0].attn.c_attn.lora["q"].lora_B.fill_(float("nan"))
-    with pytest.raises(SystemExit, match="not writing .*not all finite"):
+    with pytest.raises(UserError, match="not writing .*not all finite"):
         save_adapter(model, tmp_path / "nan.safetensors")
     assert not (tmp_path / "nan.safetensors").exists()
     tensors, meta = files.load_safetensors(path)  # a NaN file made by hand, as another tool might
@@ -104,11 +107,11 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(files.os, "fsync", full)
-    with pytest.raises(SystemExit, match=r"^error: could not write .*log.jsonl: No space left on device$"):
+    with pytest.raises(UserError, match=r"^could not write .*log.jsonl: No space left on device$"):
         with files.atomic_write(target) as f:
             f.write(b"new\n")
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
-    with pytest.raises(SystemExit, match="No space left on device"):
+    with pytest.raises(UserError, match="No space left on device"):
         files.atomic_torch_save({"step": 1}, tmp_path / "ckpt.pt")
     assert not (tmp_path / "ckpt.pt").exists()
 
@@ -119,7 +122,7 @@ def test_prepare_on_a_full_disk_leaves_no_split_behind(e2e_src, tmp_path, monkey
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(prepare.np, "savez", full)
-    with pytest.raises(SystemExit, match="could not write dev's files .*No space left on device"):
+    with pytest.raises(UserError, match="could not write dev's files .*No space left on device"):
         prepare.prepare(tmp_path, source=e2e_src, splits=("dev",))
     assert list(tmp_path.iterdir()) == []
 
@@ -139,7 +142,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     with pytest.raises(SystemExit, match="already holds a run \\(log.jsonl\\)"):
         train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "notes", "--max_iters", "1"))
     assert (tmp_path / "notes" / "log.jsonl").read_text() == "mine\n"
-    with pytest.raises(SystemExit, match="already holds dev in the paper format; pass --force"):
+    with pytest.raises(UserError, match="already holds dev in the paper format; pass --force"):
         prepare.prepare(e2e_small, source=e2e_src, splits=("dev",))
     out = tmp_path / "eval"
     out.mkdir()
@@ -152,7 +155,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     class Args:
         out, force = tmp_path, False
 
-    with pytest.raises(SystemExit, match="similarity_layer0_q.png exists .*pass --force"):
+    with pytest.raises(UserError, match="similarity_layer0_q.png exists .*pass --force"):
         analyze.plot_paths_free(Args, "similarity", [(0, "q"), (1, "q")])
     Args.force = True
     assert analyze.plot_paths_free(Args, "similarity", [(0, "q")])

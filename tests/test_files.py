@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.files import (
+from plumbing.errors import UserError
+from plumbing.files import (
     atomic_dir,
     atomic_write,
     cache_dir,
@@ -143,7 +144,7 @@ def test_save_rejects_unsupported_dtype_and_writes_nothing(tmp_path):
 
 
 def test_missing_file_is_a_user_error(tmp_path):
-    with pytest.raises(SystemExit, match="cannot read .*nothing.safetensors"):
+    with pytest.raises(UserError, match="cannot read .*nothing.safetensors"):
         load_safetensors(tmp_path / "nothing.safetensors")
 
 
@@ -191,10 +192,10 @@ MALFORMED = [
 def test_malformed_file_is_a_clear_user_error(tmp_path, data, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(data)
-    with pytest.raises(SystemExit, match=message) as err:
+    with pytest.raises(UserError, match=message) as err:
         load_safetensors(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         read_safetensors_header(path)
     with pytest.raises(Exception):  # noqa: B017 - the official reader refuses it too (any error type)
         st.load_file(path)
@@ -215,7 +216,7 @@ STRICTER = [
 def test_broken_files_the_reference_accepts_are_refused(tmp_path, data, message):
     path = tmp_path / "bad.safetensors"
     path.write_bytes(data)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):
         load_safetensors(path)
 
 
@@ -267,7 +268,7 @@ def test_atomic_dir_success_error_and_existing(tmp_path):
     assert os.listdir(target) == ["model.safetensors"]
     assert os.listdir(tmp_path) == ["run"]
 
-    with pytest.raises(SystemExit, match="run already exists"), atomic_dir(target):
+    with pytest.raises(UserError, match="run already exists"), atomic_dir(target):
         pass
 
     other = tmp_path / "run2"
@@ -367,7 +368,7 @@ def test_download_resumes_after_cut_connection(server, tmp_path):
     httpd.mode = "cut_first"
     dest = tmp_path / "model.safetensors"
     half = (len(httpd.payload)) // 2
-    with pytest.raises(SystemExit, match=f"could not download {url} .*after {half} of {len(httpd.payload)}"):
+    with pytest.raises(UserError, match=f"could not download {url} .*after {half} of {len(httpd.payload)}"):
         download(url, dest)
     assert not dest.exists()
     assert Path(str(dest) + ".part").read_bytes() == httpd.payload[:half]
@@ -401,7 +402,7 @@ def test_download_size_mismatch_leaves_no_final_file(server, tmp_path):
     httpd, url = server
     httpd.mode = "lie"
     dest = tmp_path / "model.safetensors"
-    with pytest.raises(SystemExit, match=f"{len(httpd.payload)} of {len(httpd.payload) + 100} bytes"):
+    with pytest.raises(UserError, match=f"{len(httpd.payload)} of {len(httpd.payload) + 100} bytes"):
         download(url, dest)
     assert not dest.exists()
 
@@ -410,7 +411,7 @@ def test_download_http_error(server, tmp_path):
     httpd, url = server
     httpd.mode = "missing"
     dest = tmp_path / "model.safetensors"
-    with pytest.raises(SystemExit, match=f"could not download {url} \\(HTTP 404 .*put it at {dest}"):
+    with pytest.raises(UserError, match=f"could not download {url} \\(HTTP 404 .*put it at {dest}"):
         download(url, dest)
     assert os.listdir(tmp_path) == []
 
@@ -423,7 +424,7 @@ def test_download_unreachable_server(tmp_path, monkeypatch):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/model.safetensors"
     dest = tmp_path / "model.safetensors"
-    with pytest.raises(SystemExit, match=f"could not download {url} .*download it by hand") as err:
+    with pytest.raises(UserError, match=f"could not download {url} .*download it by hand") as err:
         download(url, dest)
     assert "\n" not in str(err.value)
     assert not dest.exists()

@@ -6,20 +6,21 @@ import struct
 import pytest
 import torch
 
+from checkpoints.adapters import put_adapter, read_adapter, read_config, save_adapter
+from checkpoints.loading import trainable_report
 from lora import (
+    LoRAConfig,
     LoRALinear,
     apply_lora,
-    load_adapter,
-    lora_config,
+    config_of,
     lora_layers,
     lora_state_dict,
     merge_lora,
-    save_adapter,
     unmerge_lora,
 )
 from model import GPT, GPTConfig
-from tools.hf_checkpoint import PRETRAINED
-from tools.loading import trainable_report
+from plumbing.errors import UserError
+from plumbing.hf_checkpoint import PRETRAINED
 
 
 def random_b(model, seed=0, std=0.05):
@@ -40,7 +41,7 @@ def test_adapted_model_equals_base_before_training(tiny_gpt2):
     idx = tokens()
     with torch.no_grad():
         before = model(idx)[0]
-        apply_lora(model, rank=4, alpha=32, targets=("q", "k", "v", "o", "mlp"))
+        apply_lora(model, LoRAConfig(rank=4, alpha=32, targets=("q", "k", "v", "o", "mlp")))
         after = model(idx)[0]
     assert torch.equal(before, after)  # B = 0, so B A x adds exactly zero
 
@@ -50,7 +51,7 @@ def test_only_lora_parameters_learn_and_base_stays_bit_identical(tiny_gpt2, targ
     """Also with a single target: then the first adapted layer's input needs no gradient, and its frozen
     output must still take the update (an in-place add there is refused by autograd)."""
     torch.manual_seed(0)
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, targets=targets, dropout=0.1)
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=4, targets=targets, dropout=0.1))
     base = {n: p.clone() for n, p in model.state_dict().items() if ".lora." not in n}
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.01)
@@ -68,7 +69,7 @@ def test_only_lora_parameters_learn_and_base_stays_bit_identical(tiny_gpt2, targ
 
 def count_trainable(name, rank, targets):
     with torch.device("meta"):  # shapes only: no memory, no time
-        model = apply_lora(GPT(GPTConfig(**PRETRAINED[name])), rank=rank, targets=targets)
+        model = apply_lora(GPT(GPTConfig(**PRETRAINED[name])), LoRAConfig(rank=rank, targets=targets))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -84,14 +85,14 @@ def test_trainable_counts_match_the_formula_and_the_papers_budget():
 
 
 def test_trainable_report(tiny_gpt2):
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, targets=("q", "v"))
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=4, targets=("q", "v")))
     lora = 2 * 4 * (64 + 64) * 2  # two matrices, r (in + out) each, two layers
     total = sum(p.numel() for p in model.parameters())
     assert trainable_report(model) == f"trainable {lora:,} of {total:,} ({100 * lora / total:.3f}%)"
 
 
 def test_merged_equals_unmerged_and_unmerge_restores_w(tiny_gpt2):
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=8, targets=("q", "k", "v", "o", "mlp")).eval()
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=8, targets=("q", "k", "v", "o", "mlp"))).eval()
     random_b(model)
     w0 = {n: p.clone() for n, p in model.named_parameters() if n.endswith("weight") and ".lora." not in n}
     idx = tokens(seed=2)
@@ -116,7 +117,7 @@ def test_merge_in_bf16_accumulates_in_fp32(tiny_gpt2):
     bf16 keeps 8 significant bits, so a logit of size ~2 moves in steps of 2^-6 = 0.016; we allow 0.05,
     about three such steps (measured: 0.0195), against 1e-5 in fp32 (measured: 1.2e-6).
     """
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, targets=("q", "v")).to(torch.bfloat16).eval()
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=4, targets=("q", "v"))).to(torch.bfloat16).eval()
     random_b(model, std=0.2)
     layer = model.transformer.h[0].attn.c_attn
     w0 = layer.weight.detach().clone()
@@ -138,7 +139,7 @@ def test_choosing_q_changes_only_the_q_third_of_c_attn(tiny_gpt2):
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         before = model.transformer.h[1].attn.c_attn(x)
-        apply_lora(model, targets=("q",))
+        apply_lora(model, LoRAConfig(targets=("q",)))
         random_b(model)
         after = model.transformer.h[1].attn.c_attn(x)
     assert not torch.allclose(before[..., :64], after[..., :64])
@@ -147,8 +148,8 @@ def test_choosing_q_changes_only_the_q_third_of_c_attn(tiny_gpt2):
 
 def test_the_update_is_alpha_over_r_times_b_a_x():
     base = torch.nn.Linear(6, 9)
-    layer = LoRALinear(base, {"v": (6, 9)}, rank=2, alpha=8)
-    rs = LoRALinear(base, {"v": (6, 9)}, rank=2, alpha=8, rslora=True)
+    layer = LoRALinear(base, {"v": (6, 9)}, LoRAConfig(rank=2, alpha=8))
+    rs = LoRALinear(base, {"v": (6, 9)}, LoRAConfig(rank=2, alpha=8, rslora=True))
     assert layer.scale == 4.0 and rs.scale == pytest.approx(8 / 2**0.5)
     with torch.no_grad():
         layer.lora["v"].lora_B.fill_(0.5)
@@ -159,7 +160,7 @@ def test_the_update_is_alpha_over_r_times_b_a_x():
 
 
 def test_dropout_acts_on_the_lora_branch_only(tiny_gpt2):
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "v"), dropout=0.5).train()
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(targets=("q", "v"), dropout=0.5)).train()
     idx = tokens(seed=5)
     with torch.no_grad():
         base_out = model(idx)[0]  # B = 0: the dropped-out branch adds nothing, the base path has no dropout
@@ -172,7 +173,8 @@ def test_dropout_acts_on_the_lora_branch_only(tiny_gpt2):
 
 
 def test_adapter_round_trip_is_bit_exact_and_metadata_is_plain_json(tiny_gpt2, tmp_path):
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, alpha=16, targets=("q", "v", "mlp"), dropout=0.1)
+    config = LoRAConfig(rank=4, alpha=16, targets=("q", "v", "mlp"), dropout=0.1)
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), config)
     random_b(model)
     path = tmp_path / "adapter.safetensors"
     save_adapter(model, path)
@@ -184,38 +186,44 @@ def test_adapter_round_trip_is_bit_exact_and_metadata_is_plain_json(tiny_gpt2, t
     assert meta["base_model"] == str(tiny_gpt2)
     assert set(header) - {"__metadata__"} == set(lora_state_dict(model))
     fresh = load_adapter(GPT.from_pretrained(tiny_gpt2), path)  # applies LoRA from the file's settings
-    assert fresh.lora_config["targets"] == ["q", "v", "mlp"] and fresh.lora_config["rank"] == 4
+    assert config_of(fresh) == config and read_config(path).lora == config
     theirs = lora_state_dict(fresh)
     assert all(torch.equal(p, theirs[n]) for n, p in lora_state_dict(model).items())
-    assert lora_config(path)["alpha"] == 16.0
+    assert read_config(path).lora.alpha == 16.0
     idx = tokens(seed=6)
     with torch.no_grad():
         assert torch.equal(model.eval()(idx)[0], fresh.eval()(idx)[0])
+
+
+def load_adapter(model, path):
+    """The adapter file at path put on model, as the scripts load it."""
+    tensors, info = read_adapter(path)
+    return put_adapter(model, tensors, info, path)
 
 
 def test_adapter_for_another_model_or_other_targets_is_refused(tiny_gpt2, tmp_path):
     from conftest import write_hf_gpt2
 
     path = tmp_path / "adapter.safetensors"
-    save_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "v")), path)
+    save_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(targets=("q", "v"))), path)
     write_hf_gpt2(tmp_path / "wider", n_embd=96, n_head=4)
-    with pytest.raises(SystemExit, match="does not fit.*n_embd 64 vs 96"):
+    with pytest.raises(UserError, match="does not fit.*n_embd 64 vs 96"):
         load_adapter(GPT.from_pretrained(tmp_path / "wider"), path)
-    with pytest.raises(SystemExit, match="targets"):
-        load_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "k")), path)
-    with pytest.raises(SystemExit, match="rank"):
-        load_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), rank=8, targets=("q", "v")), path)
+    with pytest.raises(UserError, match="targets"):
+        load_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(targets=("q", "k"))), path)
+    with pytest.raises(UserError, match="rank"):
+        load_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=8, targets=("q", "v"))), path)
     not_adapter = tmp_path / "model.safetensors"
     not_adapter.write_bytes((tiny_gpt2 / "model.safetensors").read_bytes())
-    with pytest.raises(SystemExit, match="not a lora-gpt adapter"):
+    with pytest.raises(UserError, match="not a lora-gpt adapter"):
         load_adapter(GPT.from_pretrained(tiny_gpt2), not_adapter)
 
 
 def test_bad_targets_are_refused(tiny_gpt2):
-    with pytest.raises(SystemExit, match="unknown LoRA targets"):
-        apply_lora(GPT.from_pretrained(tiny_gpt2), targets=("q", "x"))
+    with pytest.raises(UserError, match="unknown LoRA targets"):
+        apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(targets=("q", "x")))
     model = apply_lora(GPT.from_pretrained(tiny_gpt2))
-    with pytest.raises(SystemExit, match="already has LoRA"):
+    with pytest.raises(UserError, match="already has LoRA"):
         apply_lora(model)
     assert len(lora_layers(model)) == 2
 
@@ -224,7 +232,7 @@ def test_merge_then_unmerge_forwards_as_never_merged_and_trains(tiny_gpt2):
     """After merge and unmerge the layer is unmerged again: the update is added in forward (not skipped), and
     gradients reach A and B."""
     torch.manual_seed(0)
-    model = apply_lora(GPT.from_pretrained(tiny_gpt2), rank=4, alpha=32, targets=("q", "v", "o"))
+    model = apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=4, alpha=32, targets=("q", "v", "o")))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):

@@ -12,10 +12,11 @@ from conftest import train_tiny_adapter, write_hf_gpt2
 import lora
 import merge
 import sample
+from checkpoints import merged as merged_checkpoint
+from checkpoints.loading import load_model
 from data.e2e import prepare
-from lora import load_adapter
 from model import GPT
-from tools.files import read_safetensors_header
+from plumbing.files import read_safetensors_header
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
@@ -56,7 +57,7 @@ def merged(adapter, dev_data, tmp_path_factory):
 
 
 def unmerged_model(tiny_gpt2, adapter):
-    return load_adapter(GPT.from_pretrained(tiny_gpt2), adapter).eval()
+    return load_model(model=tiny_gpt2, adapter=adapter)[0].eval()
 
 
 def tokens(seed=0):
@@ -147,19 +148,19 @@ def merge_without_scale(monkeypatch):
 
 def untransposed_c_proj(monkeypatch):
     """hf_state_dict that forgets to transpose the square attn.c_proj of layer 1 (shapes cannot catch it)."""
-    original = merge.hf_state_dict
+    original = merged_checkpoint.hf_state_dict
 
     def wrong(model):
         tensors = original(model)
         tensors["transformer.h.1.attn.c_proj.weight"] = tensors["transformer.h.1.attn.c_proj.weight"].t()
         return tensors
 
-    monkeypatch.setattr(merge, "hf_state_dict", wrong)
+    monkeypatch.setattr(merged_checkpoint, "hf_state_dict", wrong)
 
 
 def one_weight_off(monkeypatch):
     """hf_state_dict that writes one number of ln_f's weight 0.03 off."""
-    original = merge.hf_state_dict
+    original = merged_checkpoint.hf_state_dict
 
     def wrong(model):
         tensors = original(model)
@@ -167,7 +168,7 @@ def one_weight_off(monkeypatch):
         weight[0] += 0.03
         return {**tensors, "transformer.ln_f.weight": weight}
 
-    monkeypatch.setattr(merge, "hf_state_dict", wrong)
+    monkeypatch.setattr(merged_checkpoint, "hf_state_dict", wrong)
 
 
 @pytest.mark.parametrize("mistake, check_only", [(merge_without_scale, False), (merge_without_scale, True),

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from data.e2e import prepare
-from tools import metrics
+from metrics import e2e as metrics
+from plumbing.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "e2e"
 HAVE_SHARED = (SHARED / "devset.csv").is_file() and (SHARED / "testset_w_refs.csv").is_file()
@@ -269,9 +270,9 @@ def test_meteor_runs_the_jar_as_the_official_scorer():
 
 
 def test_inputs_are_checked():
-    with pytest.raises(SystemExit, match="2 hypotheses but 1"):
+    with pytest.raises(UserError, match="2 hypotheses but 1"):
         metrics.bleu(["a", "b"], [["a"]])
-    with pytest.raises(SystemExit, match="item 0"):
+    with pytest.raises(UserError, match="item 0"):
         metrics.rouge_l(["a"], [[]])
 
 
@@ -313,12 +314,12 @@ def test_e2e_csv_groups_references_by_mr_in_first_appearance_order(tmp_path):
 
 def test_e2e_csv_errors_name_the_broken_line(tmp_path):
     path = write_rows(tmp_path / "broken.csv", [("name[Zizzi]", "Zizzi is a pub."), ("name[Aromi]",)])
-    with pytest.raises(SystemExit, match=r"broken\.csv:3: "):
+    with pytest.raises(UserError, match=r"broken\.csv:3: "):
         prepare.read_csv(path)
     path = write_rows(tmp_path / "header.csv", [("name[Zizzi]", "Zizzi.")], header=("meaning", "text"))
-    with pytest.raises(SystemExit, match=r"header\.csv:1: "):
+    with pytest.raises(UserError, match=r"header\.csv:1: "):
         prepare.read_csv(path)
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(UserError, match="no such file"):
         prepare.read_csv(tmp_path / "missing.csv")
 
 

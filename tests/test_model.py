@@ -8,7 +8,8 @@ from conftest import write_hf_gpt2
 
 from data.e2e.prepare import EOT, get_tokenizer
 from model import GPT
-from tools.hf_checkpoint import PRETRAINED, hf_state_dict
+from plumbing.errors import UserError
+from plumbing.hf_checkpoint import PRETRAINED, hf_state_dict
 
 SHAPES = [
     dict(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=128),  # the real vocabulary
@@ -80,12 +81,12 @@ def test_bare_file_without_config_is_a_clear_error(tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "weights.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(UserError, match="no config.json"):
         GPT.from_pretrained(bare / "weights.safetensors")
 
 
 def test_unknown_name_lists_the_four_models():
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         GPT.from_pretrained("gpt3")
     assert all(name in str(err.value) for name in PRETRAINED)
 
@@ -95,7 +96,7 @@ def test_config_json_of_another_architecture_is_refused(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["activation_function"] = "relu"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SystemExit, match="gelu_new"):
+    with pytest.raises(UserError, match="gelu_new"):
         GPT.from_pretrained(tmp_path)
 
 
@@ -174,7 +175,7 @@ def test_tokenizer():
 
 def test_hf_state_dict_is_the_exact_inverse_of_loading(tiny_gpt2):
     """Our weights written back in the Hugging Face layout are the file they came from, bit for bit."""
-    from tools.files import load_safetensors
+    from plumbing.files import load_safetensors
 
     theirs, _ = load_safetensors(tiny_gpt2 / "model.safetensors")
     ours = hf_state_dict(GPT.from_pretrained(tiny_gpt2).state_dict())

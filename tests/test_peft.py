@@ -9,12 +9,15 @@ import torch
 from conftest import write_hf_gpt2
 
 import merge
-from lora import apply_lora, lora_state_dict, save_adapter
+from checkpoints import adapters as peft_adapter
+from checkpoints.adapters import AdapterBank, read_adapter, save_adapter
+from checkpoints.loading import load_model
+from lora import LoRAConfig, apply_lora, config_of, lora_state_dict
 from model import GPT
-from tools import analyze, peft_adapter
-from tools.files import load_safetensors
-from tools.loading import load_model
-from tools.peft_adapter import AdapterBank, read_adapter
+from plumbing.errors import UserError
+from plumbing.files import load_safetensors
+from tools import analyze
+from tools import peft_adapter as peft_cli
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -32,7 +35,7 @@ def base(tmp_path_factory):
 
 def our_adapter(base, path, targets, rank=4, alpha=8, rslora=False, seed=0):
     """An adapter of ours with random non-zero A and B (an untrained one has B = 0 and would prove nothing)."""
-    model = apply_lora(GPT.from_pretrained(base), rank=rank, alpha=alpha, targets=targets, rslora=rslora)
+    model = apply_lora(GPT.from_pretrained(base), LoRAConfig(rank=rank, alpha=alpha, targets=targets, rslora=rslora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_state_dict(model).values():
@@ -57,27 +60,27 @@ CASES = [(("q",), False), (("q", "v"), False), (("k", "o"), False), (("q", "k", 
 @pytest.mark.parametrize("targets,rslora", CASES, ids=lambda c: ",".join(c) if isinstance(c, tuple) else f"rs{c}")
 def test_export_is_loaded_by_peft_with_our_logits_and_reads_back_bit_for_bit(base, tmp_path, targets, rslora):
     model = our_adapter(base, tmp_path / "a.safetensors", targets, rslora=rslora)
-    folder = peft_adapter.main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "peft")])
+    folder = peft_cli.main(["export", str(tmp_path / "a.safetensors"), str(tmp_path / "peft")])
     with torch.no_grad():
         diff = (peft_logits(base, folder) - logits(model)).abs().max().item()
     print(f"export {','.join(targets)} rslora={rslora}: max |PEFT - ours| logit difference {diff:.2e}")
     assert diff < 1e-5
     # back in: the same tensors, bit for bit, and the same settings
-    tensors, config = read_adapter(folder)
+    tensors, info = read_adapter(folder)
     original, _ = load_safetensors(tmp_path / "a.safetensors")
     assert tensors.keys() == original.keys() and all(tensors[n].equal(t) for n, t in original.items())
-    assert (config["rank"], config["alpha"], config["targets"], config["rslora"]) == (4, 8, list(targets), rslora)
-    assert logits(load_model(adapter=folder)).equal(logits(model))  # the base found from base_model_name_or_path
+    assert (info.lora.rank, info.lora.alpha, info.lora.targets, info.lora.rslora) == (4, 8, tuple(targets), rslora)
+    assert logits(load_model(adapter=folder)[0]).equal(logits(model))  # the base found from base_model_name_or_path
 
 
 def test_export_refuses_an_existing_folder_unless_forced(base, tmp_path):
     our_adapter(base, tmp_path / "a.safetensors", ("q", "v"))
     argv = ["export", str(tmp_path / "a.safetensors"), str(tmp_path / "peft")]
-    peft_adapter.main(argv)
+    peft_cli.main(argv)
     with pytest.raises(SystemExit, match="already exists"):
-        peft_adapter.main(argv)
+        peft_cli.main(argv)
     (tmp_path / "peft" / "stale.txt").write_text("x")
-    peft_adapter.main([*argv, "--force"])
+    peft_cli.main([*argv, "--force"])
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -103,12 +106,12 @@ PEFT_CASES = {"c_attn": dict(target_modules=["c_attn"]),
 @pytest.mark.parametrize("case", list(PEFT_CASES))
 def test_peft_adapter_gives_peft_logits_in_our_model_and_merges(base, tmp_path, case):
     folder = make_peft(base, tmp_path / "peft", **PEFT_CASES[case])
-    model = load_model(adapter=folder)  # its base from base_model_name_or_path
+    model, data_format = load_model(adapter=folder)  # its base from base_model_name_or_path
     with torch.no_grad():
         diff = (logits(model) - peft_logits(base, folder)).abs().max().item()
-    print(f"PEFT {case}: max |ours - PEFT| logit difference {diff:.2e}, as {model.lora_config['targets']}")
+    print(f"PEFT {case}: max |ours - PEFT| logit difference {diff:.2e}, as {list(config_of(model).targets)}")
     assert diff < 1e-5
-    assert model.data_format == "paper"
+    assert data_format == "paper"
     figures = merge.main(["--adapter", str(folder), "--model", str(base), "--check-only", "--device", "cpu",
                           "--n_check", "2", "--check_tokens", "8"])
     assert figures["same"] == figures["n"]
@@ -127,7 +130,7 @@ def test_switching_adapters_equals_loading_each_alone_and_holds_only_adapter_byt
         bank.add(name, path)
     for name in ["qv", "omlp", "peft", None, "peft", "qv"]:
         got = logits(bank.use(name))
-        assert got.equal(base_logits if name is None else logits(load_model(adapter=paths[name])))
+        assert got.equal(base_logits if name is None else logits(load_model(adapter=paths[name])[0]))
     bank.use(None)
     assert all(t.equal(base_state[n]) for n, t in model.state_dict().items())  # W0 untouched by switching
     # memory: the model's tensors and the bank's, each storage counted once = the base + the adapters, no more
@@ -162,24 +165,24 @@ def test_peft_adapters_we_cannot_compute_exactly_are_refused_in_one_line(base, t
     changes, expected = REFUSALS[case]
     folder = make_peft(base, tmp_path / "peft", target_modules=["c_attn", "c_proj"])
     edit_config(folder, **changes)
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(UserError) as info:
         load_model(adapter=folder)
-    message = str(info.value.code)
-    assert message.startswith("error: ") and "\n" not in message and expected in message
+    message = str(info.value)
+    assert "\n" not in message and expected in message
 
 
 def test_per_module_ranks_and_foreign_tensors_are_refused(base, tmp_path):
     folder = make_peft(base, tmp_path / "ranks", target_modules=["c_attn", "c_proj"], rank_pattern={"mlp.c_proj": 8})
-    with pytest.raises(SystemExit, match=r"different ranks \(\[4, 8\]\)"):
+    with pytest.raises(UserError, match=r"different ranks \(\[4, 8\]\)"):
         load_model(adapter=folder)
     folder = make_peft(base, tmp_path / "llama", target_modules=["c_attn"])
     tensors, metadata = load_safetensors(folder / "adapter_model.safetensors")
     renamed = {n.replace("attn.c_attn", "self_attn.q_proj"): t for n, t in tensors.items()}
-    from tools.files import save_safetensors
+    from plumbing.files import save_safetensors
 
     save_safetensors(renamed, folder / "adapter_model.safetensors", metadata)
     edit_config(folder, target_modules="q_proj")
-    with pytest.raises(SystemExit, match="not a LoRA weight of a GPT-2 projection"):
+    with pytest.raises(UserError, match="not a LoRA weight of a GPT-2 projection"):
         load_model(adapter=folder)
 
 
@@ -201,7 +204,7 @@ def test_analyze_gives_the_same_numbers_on_a_peft_folder(base, tmp_path, capsys)
     assert outputs["peft"] == outputs["ours"]
     # a PEFT adapter that is not one of ours: its c_attn is q, k and v sharing one A
     folder = make_peft(base, tmp_path / "made_by_peft", target_modules=["c_attn"])
-    tensors, config = analyze.load_adapter_file(folder)
+    tensors, config = peft_adapter.read_adapter(folder)
     assert analyze.adapted_projections(tensors, folder) == [(0, "q"), (0, "k"), (0, "v"), (1, "q"), (1, "k"), (1, "v")]
     assert analyze.lora_A(tensors, 1, "q").equal(analyze.lora_A(tensors, 1, "v"))
     assert analyze.similarity_grid(analyze.lora_A(tensors, 1, "q"), analyze.lora_A(tensors, 1, "k"))[3, 3] == \

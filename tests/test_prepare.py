@@ -15,6 +15,7 @@ import torch
 
 from data.e2e import batches, prepare
 from data.e2e.prepare import EOT, get_tokenizer
+from plumbing.errors import UserError
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
@@ -178,13 +179,13 @@ def test_unique_mrs_of_official_dev_and_test():
 def test_broken_row_names_file_and_line(tmp_path, body, line, what):
     path = tmp_path / "file.csv"
     path.write_text("mr,ref\n" + body, encoding="utf-8")
-    with pytest.raises(SystemExit, match=f"file.csv:{line}: .*{what}"):
+    with pytest.raises(UserError, match=f"file.csv:{line}: .*{what}"):
         prepare.read_csv(path)
 
 
 def test_wrong_header_is_refused(tmp_path):
     path = write_csv(tmp_path / "file.csv", [("a[1]", "one")], header=("meaning", "text"))
-    with pytest.raises(SystemExit, match="file.csv:1: the header must be mr,ref"):
+    with pytest.raises(UserError, match="file.csv:1: the header must be mr,ref"):
         prepare.read_csv(path)
 
 
@@ -242,7 +243,7 @@ def closed_port_url() -> str:
 
 def test_missing_csv_and_no_network_is_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(prepare.URLS, "dev", closed_port_url())
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(UserError) as err:
         prepare.prepare(tmp_path, splits=("dev",))
     assert "\n" not in str(err.value) and "x.csv" in str(err.value)
     assert not (tmp_path / "dev.npz").exists() and not (tmp_path / "devset.csv").exists()
@@ -253,12 +254,12 @@ def test_missing_csv_and_no_network_is_one_line_error(tmp_path, monkeypatch, cap
 
 
 def test_missing_or_damaged_arrays_say_how_to_make_them(tmp_path):
-    with pytest.raises(SystemExit, match="run python data/e2e/prepare.py"):
+    with pytest.raises(UserError, match="run python data/e2e/prepare.py"):
         batches.load_split(tmp_path, "dev")
     (tmp_path / "dev.npz").write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(SystemExit, match="dev.npz: unreadable .*run python data/e2e/prepare.py"):
+    with pytest.raises(UserError, match="dev.npz: unreadable .*run python data/e2e/prepare.py"):
         batches.load_split(tmp_path, "dev")
-    with pytest.raises(SystemExit, match="run python data/e2e/prepare.py"):
+    with pytest.raises(UserError, match="run python data/e2e/prepare.py"):
         prepare.load_mrs(tmp_path, "dev")
 
 
@@ -315,7 +316,7 @@ def test_paper_context_renames_three_attributes_in_mr_order():
 def test_preparing_another_format_into_a_prepared_folder_is_refused(csv_dir, tmp_path):
     prepare.prepare(tmp_path, source=csv_dir, splits=("dev",), data_format="plain")
     before = (tmp_path / "dev.npz").read_bytes()
-    with pytest.raises(SystemExit, match="already holds dev in the plain format; pass --force"):
+    with pytest.raises(UserError, match="already holds dev in the plain format; pass --force"):
         prepare.prepare(tmp_path, source=csv_dir, splits=("dev",), data_format="paper")
     assert (tmp_path / "dev.npz").read_bytes() == before
     prepare.prepare(tmp_path, source=csv_dir, splits=("dev",), data_format="paper", force=True)

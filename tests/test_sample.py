@@ -5,11 +5,11 @@ import torch
 from conftest import train_tiny_adapter, write_hf_gpt2
 
 import sample
+from beam import beam_search
+from checkpoints.loading import load_model
 from data.e2e import prepare
 from data.e2e.prepare import EOT, get_tokenizer
-from lora import load_adapter
 from model import GPT
-from tools.beam import beam_search
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
 
@@ -104,7 +104,7 @@ def test_beam_1_is_greedy_and_beam_options_reach_beam_search(tiny_gpt2, adapter)
     assert run(*common, "--beam", 1, "--no_repeat_ngram", 0) == greedy
     # no repeated bigram: ' pub pub' may appear once, so the beam must leave the adapter's favourite path
     beamed = run(*common, "--beam", 3, "--length_penalty", 0.7, "--no_repeat_ngram", 2)
-    model = load_adapter(GPT.from_pretrained(tiny_gpt2), adapter)
+    model = load_model(model=tiny_gpt2, adapter=adapter)[0]
     tokens = get_tokenizer().encode_ordinary(PROMPT)
     best = beam_search(model.eval(), tokens, beam=3, max_new_tokens=8, length_penalty=0.7, no_repeat_ngram=2)
     assert beamed == [get_tokenizer().decode(best)]
@@ -136,7 +136,7 @@ def test_mistakes_are_one_line_errors(case, tiny_gpt2, small_gpt2, adapter, tmp_
 
 
 def test_several_adapters_are_each_sampled_as_if_loaded_alone(tiny_gpt2, adapter, tmp_path, capsys):
-    from tools.peft_adapter import export
+    from checkpoints.adapters import export
 
     inn = get_tokenizer().encode_ordinary(" inn")
     other = train_tiny_adapter(tiny_gpt2, tmp_path / "inn.safetensors", targets=("o", "mlp"), steps=20, label=inn[0])

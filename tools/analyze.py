@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lora
+from checkpoints.adapters import read_adapter
+from lora import TARGETS
 from model import GPT
-from tools import files as checkpoint
-from tools import peft_adapter
+from plumbing import files as checkpoint
+from plumbing.errors import UserError, reported
+from plumbing.hf_checkpoint import shape_of
 
 # ----------------------------------------------------------------------------------------------------------
 # Section 7.2: subspace similarity between two adapters' A matrices.
@@ -64,7 +66,7 @@ def grid_from_directions(U1, U2):
 def similarity_grid(A1, A2):
     """The r1 x r2 array of phi(A1, A2, i, j) (eq. 4) for i = 1..r1 (rows) and j = 1..r2 (columns)."""
     if A1.shape[1] != A2.shape[1]:
-        raise SystemExit(f"error: A matrices act on different input sizes ({A1.shape[1]} vs {A2.shape[1]})")
+        raise UserError(f"A matrices act on different input sizes ({A1.shape[1]} vs {A2.shape[1]})")
     return grid_from_directions(right_singular_vectors(A1), right_singular_vectors(A2))
 
 
@@ -100,7 +102,7 @@ def delta_w(tensors, layer, projection, scale):
     try:
         A, B = tensors[prefix + ".lora_A"], tensors[prefix + ".lora_B"]
     except KeyError:
-        raise SystemExit(f"error: the adapter has no update for {projection} in layer {layer}") from None
+        raise UserError(f"the adapter has no update for {projection} in layer {layer}") from None
     return scale * (B.float() @ A.float())
 
 
@@ -129,7 +131,7 @@ def projection_norms(delta, W, r, seed=0):
     """
     delta, W = torch.as_tensor(delta).double(), torch.as_tensor(W).double()
     if delta.shape != W.shape:
-        raise SystemExit(f"error: Delta W has shape {tuple(delta.shape)} but W has {tuple(W.shape)}")
+        raise UserError(f"Delta W has shape {tuple(delta.shape)} but W has {tuple(W.shape)}")
     g = torch.Generator().manual_seed(seed)
     random = torch.randn(tuple(W.shape), generator=g, dtype=torch.float64)
     references = {"delta": delta, "w": W, "random": random}
@@ -198,17 +200,6 @@ def tensor_prefix(layer, projection):
     return f"transformer.h.{layer}.{module}.lora.{key}"
 
 
-def adapter_scale(config):
-    """The factor on B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return config["alpha"] / (math.sqrt(config["rank"]) if config["rslora"] else config["rank"])
-
-
-def load_adapter_file(path):
-    """(tensors, config) of an adapter file, or of a PEFT LoRA folder under our names (its c_attn as q, k, v);
-    a one-line error when it is missing or not an adapter."""
-    return peft_adapter.read_adapter(path)  # refuses files without adapter metadata
-
-
 def shape_differences(theirs, ours):
     """'n_embd 64 vs 32, ...' for the shape entries that differ (a PEFT adapter may leave some unknown: None)."""
     return ", ".join(f"{k} {theirs[k]} vs {v}" for k, v in ours.items()
@@ -224,7 +215,7 @@ def adapted_projections(tensors, path="adapter"):
             continue
         match = LORA_A_NAME.fullmatch(name)
         if match is None or (match[2], match[3]) not in by_module:
-            raise SystemExit(f"error: {path} holds a tensor this tool does not know: {name}")
+            raise UserError(f"{path} holds a tensor this tool does not know: {name}")
         found.add((int(match[1]), by_module[match[2], match[3]]))
     order = list(PROJECTIONS)
     return sorted(found, key=lambda item: (item[0], order.index(item[1])))
@@ -246,19 +237,12 @@ def base_weight(model, layer, projection):
     return weight
 
 
-def parse_targets(text):
-    """--target 'q,v' or 'mlp' -> projection names ('mlp' means both MLP matrices); None means all."""
-    if text is None:
+def parse_targets(targets):
+    """--targets (some of lora.TARGETS, as train.py takes them) -> projection names: 'mlp' is both MLP matrices,
+    mlp_fc and mlp_proj; None means all."""
+    if targets is None:
         return None
-    chosen = []
-    for word in text.split(","):
-        word = word.strip()
-        names = ["mlp_fc", "mlp_proj"] if word == "mlp" else [word]
-        for name in names:
-            if name not in PROJECTIONS:
-                raise SystemExit(f"error: unknown --target {word!r}: choose from q, k, v, o, mlp, mlp_fc, mlp_proj")
-            chosen.append(name)
-    return chosen
+    return [name for target in targets for name in (["mlp_fc", "mlp_proj"] if target == "mlp" else [target])]
 
 
 def parse_layer(text, n_layer):
@@ -268,9 +252,9 @@ def parse_layer(text, n_layer):
     try:
         layer = int(text)
     except ValueError:
-        raise SystemExit(f"error: --layer must be a number or 'all', got {text!r}") from None
+        raise UserError(f"--layer must be a number or 'all', got {text!r}") from None
     if not 0 <= layer < n_layer:
-        raise SystemExit(f"error: --layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
+        raise UserError(f"--layer {layer} does not exist: the model has layers 0..{n_layer - 1}")
     return [layer]
 
 
@@ -279,10 +263,10 @@ def select(pairs, layers, targets):
     if targets is not None:
         missing = sorted(set(targets) - {p for _, p in pairs})
         if missing:
-            raise SystemExit(f"error: the adapter has no updates on {', '.join(missing)}")
+            raise UserError(f"the adapter has no updates on {', '.join(missing)}")
     chosen = [(layer, p) for layer, p in pairs if layer in layers and (targets is None or p in targets)]
     if not chosen:
-        raise SystemExit("error: nothing to analyse: no adapted projection in the chosen layers")
+        raise UserError("nothing to analyse: no adapted projection in the chosen layers")
     return chosen
 
 
@@ -296,7 +280,7 @@ def plot_paths_free(args, kind, chosen):
     """True; a one-line error, before any work, if a heatmap would replace an earlier one without --force."""
     taken = [p for p in (Path(args.out) / f"{kind}_layer{layer}_{proj}.png" for layer, proj in chosen) if p.exists()]
     if taken and not args.force:
-        raise SystemExit(f"error: {taken[0]} exists ({len(taken)} of the heatmaps do); pass --force to replace "
+        raise UserError(f"{taken[0]} exists ({len(taken)} of the heatmaps do); pass --force to replace "
                          f"them, or another --out")
     return True
 
@@ -346,22 +330,22 @@ def save_heatmaps(path, title, panels, xlabel, ylabel):
 
 def run_similarity(args):
     """Section 7.2 on two adapter files: a table of phi per layer and projection, and heatmaps."""
-    tensors1, config1 = load_adapter_file(args.adapter1)
-    tensors2, config2 = load_adapter_file(args.adapter2)
-    differ = shape_differences(config1["shape"], config2["shape"])
+    tensors1, info1 = read_adapter(args.adapter1)  # our file or a PEFT folder, under our names
+    tensors2, info2 = read_adapter(args.adapter2)
+    differ = shape_differences(info1.shape, info2.shape)
     if differ:
-        raise SystemExit(f"error: the two adapters are for models of different shapes ({differ})")
-    if config1["base_model"] != config2["base_model"]:
-        print(f"note: the adapters were trained from different base models "
-              f"({config1['base_model']} and {config2['base_model']})")
+        raise UserError(f"the two adapters are for models of different shapes ({differ})")
+    if info1.base_model != info2.base_model:
+        print(f"note: the adapters were trained from different base models ({info1.base_model} and "
+              f"{info2.base_model})")
     pairs1 = adapted_projections(tensors1, args.adapter1)
     pairs2 = set(adapted_projections(tensors2, args.adapter2))
     shared = [pair for pair in pairs1 if pair in pairs2]
     if not shared:
-        raise SystemExit("error: the two adapters update no projection in common")
-    chosen = select(shared, parse_layer(args.layer, config1["shape"]["n_layer"]), parse_targets(args.target))
+        raise UserError("the two adapters update no projection in common")
+    chosen = select(shared, parse_layer(args.layer, info1.shape["n_layer"]), parse_targets(args.targets))
     plots = have_matplotlib() and plot_paths_free(args, "similarity", chosen)
-    r1, r2 = config1["rank"], config2["rank"]
+    r1, r2 = info1.lora.rank, info2.lora.rank
     m = min(r1, r2)
     print(f"subspace similarity phi (Hu et al. 2021, eq. 4) between the A matrices of\n"
           f"  1: {args.adapter1} (r={r1})\n  2: {args.adapter2} (r={r2})\n"
@@ -385,15 +369,14 @@ def run_similarity(args):
 
 def run_deltaw(args):
     """Section 7.3 on one adapter file and its base model: Table 7 per projection, and Figure-8 heatmaps."""
-    tensors, config = load_adapter_file(args.adapter)
-    chosen = select(adapted_projections(tensors, args.adapter),
-                    parse_layer(args.layer, config["shape"]["n_layer"]), None)
-    name = args.model or config["base_model"]
+    tensors, info = read_adapter(args.adapter)
+    chosen = select(adapted_projections(tensors, args.adapter), parse_layer(args.layer, info.shape["n_layer"]), None)
+    name = args.model or info.base_model
     model = GPT.from_pretrained(name)
-    differ = shape_differences(config["shape"], {key: getattr(model.config, key) for key in lora.SHAPE_KEYS})
+    differ = shape_differences(info.shape, shape_of(model.config))
     if differ:
-        raise SystemExit(f"error: {args.adapter} does not fit the model {name} ({differ})")
-    r, scale = config["rank"], adapter_scale(config)
+        raise UserError(f"{args.adapter} does not fit the model {name} ({differ})")
+    r, scale = info.lora.rank, info.lora.scale
     plots = have_matplotlib() and plot_paths_free(args, "deltaw", chosen)
     print(f"Delta W = {scale:g} * B A of {args.adapter} (r={r}) against W of {name}\n"
           f"||U^T W V^T||_F: W projected on the top-{r} singular vectors U, V of Delta W / W / a random "
@@ -433,16 +416,16 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     sim = commands.add_parser("similarity", help="phi between two adapters' A matrices (section 7.2)")
-    sim.add_argument("adapter1", help="adapter file (.safetensors written by lora.save_adapter)")
+    sim.add_argument("adapter1", help="adapter file (.safetensors written by train.py) or PEFT folder")
     sim.add_argument("adapter2", help="a second adapter file of the same base model")
     sim.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
-    sim.add_argument("--target", default=None,
-                     help="projections, comma separated: q,k,v,o,mlp (default: all in both adapters)")
+    sim.add_argument("--targets", "--target", nargs="+", choices=TARGETS, default=None,
+                     help="which projections, as train.py's --targets (default: all in both adapters)")
     sim.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
     sim.add_argument("--force", action="store_true", help="replace heatmaps written before")
     sim.set_defaults(run=run_similarity)
     dw = commands.add_parser("deltaw", help="Delta W against W: Table 7 and Figure 8 (section 7.3)")
-    dw.add_argument("adapter", help="adapter file (.safetensors written by lora.save_adapter)")
+    dw.add_argument("adapter", help="adapter file (.safetensors written by train.py) or PEFT folder")
     dw.add_argument("--model", default=None,
                     help="base model name or path (default: the base model named in the adapter)")
     dw.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
@@ -454,7 +437,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.run(args)
+    with reported():
+        args.run(args)
 
 
 if __name__ == "__main__":

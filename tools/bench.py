@@ -45,10 +45,11 @@ import torch.nn.functional as F
 
 from data.e2e import batches, prepare
 from data.e2e.prepare import EOT
-from lora import apply_lora, lora_state_dict, merge_lora
+from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model import GPT
-from tools.device import compile_for_training
-from tools.hf_checkpoint import PRETRAINED
+from plumbing.device import compile_for_training
+from plumbing.errors import UserError
+from plumbing.hf_checkpoint import PRETRAINED
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"  # the read-only E2E CSVs and tiktoken files, where present
@@ -66,7 +67,7 @@ MIB = 2**20
 # Pure helpers: numbers in, numbers or text out (tests/test_bench.py checks them).
 
 def synthetic_split(n_examples, seed=0):
-    """A prepare.Split of random tokens with E2E-like lengths: a prompt of 25-40 tokens, 50-110 tokens in all,
+    """A batches.Split of random tokens with E2E-like lengths: a prompt of 25-40 tokens, 50-110 tokens in all,
     the last one <|endoftext|> (used when the E2E dev set is not at hand)."""
     rng = np.random.default_rng(seed)
     prompt_lens = rng.integers(25, 41, n_examples)
@@ -249,7 +250,7 @@ def quiet_transformers():
         import peft
         import transformers
     except ImportError as e:
-        raise SystemExit(f"error: bench.py compares against transformers and peft ({e.name} is missing): "
+        raise UserError(f"bench.py compares against transformers and peft ({e.name} is missing): "
                         f"pip install -r requirements-dev.txt") from None
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -283,7 +284,7 @@ class OurTrainer:
         torch.manual_seed(seed)
         self.model = GPT.from_pretrained(folder)
         if not full:
-            apply_lora(self.model, **LORA, targets=("q", "v"))
+            apply_lora(self.model, LoRAConfig(**LORA, targets=("q", "v")))
         self.model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
@@ -354,7 +355,7 @@ def e2e_split(workdir):
         try:
             prepare.prepare(workdir, source=csv.parent, splits=("dev",))
             return batches.load_split(workdir, "dev"), "E2E dev set"
-        except SystemExit as e:
+        except UserError as e:
             print(f"(E2E dev set not usable: {e}; using synthetic lengths)")
     return synthetic_split(4672), "synthetic E2E-like lengths"
 
@@ -631,8 +632,8 @@ def section_forward(ws):
     """4. Forward latency (all logits, no grad): base vs merged vs unmerged LoRA model."""
     folder = ws.checkpoint("gpt2")
     base = GPT.from_pretrained(folder)
-    unmerged = apply_lora(GPT.from_pretrained(folder), **LORA, targets=("q", "v"))
-    merged = apply_lora(GPT.from_pretrained(folder), **LORA, targets=("q", "v"))
+    unmerged = apply_lora(GPT.from_pretrained(folder), LoRAConfig(**LORA, targets=("q", "v")))
+    merged = apply_lora(GPT.from_pretrained(folder), LoRAConfig(**LORA, targets=("q", "v")))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # a trained-looking adapter: B != 0, so merging really changes the weights
         for p in lora_state_dict(unmerged).values():

@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import merge
+from checkpoints.merged import compare, model_outputs
 from data.e2e import batches, prepare
 from data.e2e.prepare import EOT
-from lora import apply_lora, lora_state_dict, merge_lora
+from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model import GPT, GPTConfig
+from plumbing.device import compile_for_training, set_cpu_threads
+from plumbing.errors import UserError
 from tools import bench
-from tools.device import compile_for_training, set_cpu_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = dict(rank=4, alpha=32, targets=("q", "v"))  # the paper's E2E setting (train.py's defaults)
@@ -99,7 +100,7 @@ def lora_model(shape, device, seed=0, dropout=0.0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = GPT(GPTConfig(**shape))
-    return apply_lora(model, **LORA, dropout=dropout).train()
+    return apply_lora(model, LoRAConfig(**LORA, dropout=dropout)).train()
 
 
 def optimizer(model, lr=2e-4):
@@ -142,7 +143,7 @@ def e2e_split(workdir, plan):
             with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # no progress bar
                 prepare.prepare(workdir, source=csv.parent, splits=("dev",))
             return batches.load_split(workdir, "dev"), "the E2E dev set (paper format)"
-        except SystemExit:
+        except UserError:
             pass
     split = paper_like_split(4672, scale=plan.length_scale)
     return split, f"synthetic lengths like E2E's paper format (mean {split.lengths.mean():.0f} tokens)"
@@ -195,7 +196,7 @@ def check_merge(plan, tmp):
     """A briefly trained adapter (every target, B far from zero) merged vs unmerged, with merge.py's own check:
     float64 logits and greedy continuations on a few prompts."""
     torch.manual_seed(0)
-    model = apply_lora(GPT(GPTConfig(**plan.small)), rank=4, alpha=32, targets=("q", "k", "v", "o", "mlp"))
+    model = apply_lora(GPT(GPTConfig(**plan.small)), LoRAConfig(rank=4, alpha=32, targets=("q", "k", "v", "o", "mlp")))
     model.to(plan.device).train()
     opt = optimizer(model, lr=1e-2)
     g = torch.Generator(device=plan.device).manual_seed(0)
@@ -207,12 +208,12 @@ def check_merge(plan, tmp):
     prompts = [torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (5, 9, 17, 30)]
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # merge.py's progress bars
-        unmerged = merge.model_outputs(model, prompts, 16, "unmerged")
+        unmerged = model_outputs(model, prompts, 16, "unmerged")
         model.float()
         merge_lora(model)
         model.double()
-        merged = merge.model_outputs(model, prompts, 16, "merged")
-    figures = merge.compare(unmerged, merged)
+        merged = model_outputs(model, prompts, 16, "merged")
+    figures = compare(unmerged, merged)
     b_norm = max(t.abs().max().item() for n, t in lora_state_dict(model).items() if n.endswith("lora_B"))
     ok = figures["max_diff"] <= 1e-4 and figures["same"] == figures["n"] and b_norm > 0
     return ok, (f"max |logit diff| {figures['max_diff']:.2e} (tolerance 1e-04, merge.py's), mean "

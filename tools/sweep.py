@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from data.e2e import prepare
-from tools.files import atomic_write, read_safetensors_header
+from lora import TARGETS
+from plumbing.errors import UserError, reported
+from plumbing.files import atomic_write, read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
 TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
@@ -43,7 +45,7 @@ def parse_args(argv=None):
     ranks = sub.add_parser("ranks", help="one adapter per rank on fixed targets (Table 18)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ranks.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
-    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=["q", "k", "v", "o", "mlp"])
+    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS)
     targets = sub.add_parser("targets", help="one adapter per target set and rank (Tables 5 and 6)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     targets.add_argument("--grid", nargs="+", default=TABLE5, help="settings TARGETS:RANK, e.g. q,v:4")
@@ -69,7 +71,7 @@ def settings(args):
     for item in args.grid:
         targets, _, rank = item.partition(":")
         if not rank.isdigit() or not targets:
-            raise SystemExit(f"error: --grid wants TARGETS:RANK such as q,v:4, got {item!r}")
+            raise UserError(f"--grid wants TARGETS:RANK such as q,v:4, got {item!r}")
         grid.append((f"{targets.replace(',', '')}_r{rank}", targets.split(","), int(rank)))
     return grid
 
@@ -79,7 +81,7 @@ def run_script(script, script_args):
     command = [sys.executable, str(ROOT / script), *script_args]
     print("$ " + " ".join(command[1:]), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode != 0:
-        raise SystemExit(f"error: {script} failed (its error is above); finished runs are kept, run the sweep again "
+        raise UserError(f"{script} failed (its error is above); finished runs are kept, run the sweep again "
                         "to continue")
 
 
@@ -131,7 +133,7 @@ def sweep(args):
                                     "--data", args.data, *resume, *args.train_args])
         step, total = progress(run)
         if step != total:
-            raise SystemExit(f"error: {run} stopped at step {step} of {total}; run the sweep again to continue it")
+            raise UserError(f"{run} stopped at step {step} of {total}; run the sweep again to continue it")
         row = dict(setting=name, targets=",".join(targets), rank=rank, trainable=trainable_count(adapter),
                    steps=f"{step}/{total}", val_loss=final_val_loss(run))
         if not args.no_eval:
@@ -181,7 +183,9 @@ def write_tables(out, rows):
 
 
 def main(argv=None):
-    return sweep(parse_args(argv))
+    args = parse_args(argv)
+    with reported():
+        return sweep(args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from data.e2e.prepare import EOT, read_format
+from plumbing.errors import UserError
 
 BUCKET_BATCHES = 50  # batch_order(bucket=True) sorts by length within windows of this many batches
 
@@ -38,19 +39,19 @@ def load_split(data_dir, split):
     """The prepared token arrays of one split; a one-line error if they are missing or damaged."""
     path, hint = Path(data_dir) / f"{split}.npz", "run python data/e2e/prepare.py"
     if not path.is_file():
-        raise SystemExit(f"error: {path}: not found; {hint}")
+        raise UserError(f"{path}: not found; {hint}")
     try:
         with np.load(path, allow_pickle=False) as f:
             data = Split(f["tokens"], f["offsets"], f["prompt_lens"], read_format(data_dir, split))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"error: {path}: unreadable ({e}); {hint}") from None
+        raise UserError(f"{path}: unreadable ({e}); {hint}") from None
     # The invariants every user of a Split relies on, so that a damaged file fails here and not mid-training.
     ok = ((data.tokens.dtype, data.offsets.dtype, data.prompt_lens.dtype) == (np.uint16, np.int64, np.int32)
           and data.tokens.ndim == 1 and data.offsets.ndim == 1 and data.prompt_lens.shape == (len(data),)
           and data.offsets[0] == 0 and data.offsets[-1] == len(data.tokens) and np.all(data.lengths >= 2)
           and np.all(data.prompt_lens >= 1) and np.all(data.prompt_lens < data.lengths))
     if not ok:
-        raise SystemExit(f"error: {path}: damaged (its arrays do not cut into examples); {hint}")
+        raise UserError(f"{path}: damaged (its arrays do not cut into examples); {hint}")
     return data
 
 

@@ -19,7 +19,7 @@ Written into the data folder (data/e2e/ unless --out), per split, all or none of
     {split}_mrs.json  each unique MR once, in order, with its prompt text and references (for eval.py)
     {split}.txt       paper format only: "context||completion " per example, the LoRA repository's line format
 
-This file imports nothing from the project (it runs as a script), and the scripts import its formats.
+The scripts import its formats; it imports only the plumbing layer (errors, downloads) of the project.
 """
 
 import argparse
@@ -27,13 +27,17 @@ import csv
 import json
 import os
 import re
-import shutil
+import sys
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+if __package__ in (None, ""):  # run as `python data/e2e/prepare.py`: the project's root, to import plumbing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from plumbing.errors import UserError, reported  # noqa: E402
+from plumbing.files import download  # noqa: E402
 
 EOT = 50256  # <|endoftext|>: GPT-2's one special token, ending every example (and padding batches)
 DATA_DIR = Path(__file__).resolve().parent
@@ -55,7 +59,7 @@ def get_tokenizer():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception:  # tiktoken raises several kinds when it cannot fetch its two files
-        raise SystemExit("error: " + tokenizer_help()) from None
+        raise UserError(tokenizer_help()) from None
 
 
 def tokenizer_help():
@@ -144,21 +148,21 @@ def read_csv(path):
                 line, next_line = next_line, reader.line_num + 1
                 if line == 1:
                     if [name.strip() for name in fields] != ["mr", "ref"]:
-                        raise SystemExit(f"error: {path}:1: the header must be mr,ref, found {','.join(fields)!r}")
+                        raise UserError(f"{path}:1: the header must be mr,ref, found {','.join(fields)!r}")
                 elif fields and len(fields) != 2:
-                    raise SystemExit(f"error: {path}:{line}: expected 2 fields (mr,ref), found {len(fields)}")
+                    raise UserError(f"{path}:{line}: expected 2 fields (mr,ref), found {len(fields)}")
                 elif fields and not (fields[0].strip() and fields[1].strip()):
-                    raise SystemExit(f"error: {path}:{line}: the {'mr' if not fields[0].strip() else 'ref'} is empty")
+                    raise UserError(f"{path}:{line}: the {'mr' if not fields[0].strip() else 'ref'} is empty")
                 elif fields:
                     rows.append((fields[0], fields[1]))
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file") from None
+        raise UserError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
-        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason})") from None
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
     except csv.Error as e:
-        raise SystemExit(f"error: {path}:{reader.line_num}: {e}") from None
+        raise UserError(f"{path}:{reader.line_num}: {e}") from None
     if not rows:
-        raise SystemExit(f"error: {path}: " + ("the file is empty (expected the header mr,ref)" if next_line == 1
+        raise UserError(f"{path}: " + ("the file is empty (expected the header mr,ref)" if next_line == 1
                                                else "no rows after the header"))
     return rows
 
@@ -174,20 +178,16 @@ def unique_mrs(rows):
 # ----------------------------------------------------------------------------------------------------------
 # Writing the token files.
 
-def download(url, dest):
-    """Fetch url into dest (through a temporary name); a one-line error saying where to put it by hand."""
-    tmp = dest.with_name(f".{dest.name}.part")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            shutil.copyfileobj(response, f)
-    except (OSError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: could not download {url} ({e}); download it by hand and put it at {dest}") from None
-    os.replace(tmp, dest)
-
-
 def is_prepared(data_dir, split):
     return all((Path(data_dir) / f"{split}{suffix}").is_file() for suffix in (".npz", "_mrs.json"))
+
+
+def prepare_missing(data_dir, splits, data_format):
+    """Prepare the splits that data_dir does not hold yet (downloading their CSVs first): what train.py and eval.py
+    do before they read the data."""
+    missing = [split for split in splits if not is_prepared(data_dir, split)]
+    if missing:
+        prepare(data_dir, splits=missing, data_format=data_format)
 
 
 def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="paper", force=False):
@@ -195,18 +195,18 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
     and write each split's files into data_dir. Returns {split: (number of examples, number of tokens)}."""
     data_dir = Path(data_dir)
     if data_format not in FORMATS:
-        raise SystemExit(f"error: unknown data format {data_format!r}: use {' or '.join(FORMATS)}")
+        raise UserError(f"unknown data format {data_format!r}: use {' or '.join(FORMATS)}")
     data_dir.mkdir(parents=True, exist_ok=True)
     for split in splits:
         if not force and is_prepared(data_dir, split):
-            raise SystemExit(f"error: {data_dir} already holds {split} in the {read_format(data_dir, split)} format; "
+            raise UserError(f"{data_dir} already holds {split} in the {read_format(data_dir, split)} format; "
                              f"pass --force to replace it, or another --out")
     enc = get_tokenizer()
     written = {}
     for split in splits:
         csv_path = Path(source or data_dir) / SPLITS[split]
         if source is None and not csv_path.is_file():
-            download(URLS[split], csv_path)
+            download(URLS[split], csv_path, desc=f"E2E {csv_path.name}")
         rows = read_csv(csv_path)
         tokens, offsets, prompt_lens = [], [0], []
         for mr, ref in tqdm(rows, desc=f"tokenizing {split}", unit=" rows"):
@@ -219,7 +219,7 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
         try:
             write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format)
         except OSError as e:  # a full disk, a read-only folder
-            raise SystemExit(f"error: could not write {split}'s files into {data_dir}: {e.strerror or e}") from None
+            raise UserError(f"could not write {split}'s files into {data_dir}: {e.strerror or e}") from None
         written[split] = (len(rows), len(tokens))
     return written
 
@@ -256,9 +256,9 @@ def load_mrs(data_dir, split):
         items = json.loads(path.read_text(encoding="utf-8"))
         return [dict(mr=i["mr"], refs=list(i["refs"]), format_refs=list(i["format_refs"])) for i in items]
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: not found; run python data/e2e/prepare.py") from None
+        raise UserError(f"{path}: not found; run python data/e2e/prepare.py") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path}: damaged ({e}); run python data/e2e/prepare.py") from None
+        raise UserError(f"{path}: damaged ({e}); run python data/e2e/prepare.py") from None
 
 
 def main(argv=None):
@@ -273,7 +273,9 @@ def main(argv=None):
                         "as the paper's numbers were made; plain: the official CSV text")
     parser.add_argument("--force", action="store_true", help="replace the token files of a split prepared before")
     args = parser.parse_args(argv)
-    for name, (n, n_tokens) in prepare(args.out, args.source, args.splits, args.format, args.force).items():
+    with reported():
+        written = prepare(args.out, args.source, args.splits, args.format, args.force)
+    for name, (n, n_tokens) in written.items():
         print(f"{name}: {n:,} examples, {n_tokens:,} tokens ({args.format} format) -> {args.out / (name + '.npz')}")
 
 

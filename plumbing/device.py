@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from plumbing.errors import UserError
+
 
 def pick_device(requested="auto"):
     """'auto' -> cuda if present, then mps, then cpu; anything else is checked and taken as asked. On the CPU it
@@ -18,11 +20,11 @@ def pick_device(requested="auto"):
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise SystemExit(f"error: unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        raise UserError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise SystemExit(f"error: --device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise SystemExit(f"error: --device {requested}: MPS is not available here")
+        raise UserError(f"--device {requested}: MPS is not available here")
     if device.type == "cpu":
         set_cpu_threads()
     return requested

@@ -12,7 +12,8 @@ the tied head); everything here is file plumbing:
 import json
 from pathlib import Path
 
-from tools import files
+from plumbing import files
+from plumbing.errors import UserError
 
 # The four checkpoints OpenAI released, by their Hugging Face names.
 PRETRAINED = {
@@ -22,6 +23,7 @@ PRETRAINED = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 RELEASED_SHAPE = dict(vocab_size=50257, block_size=1024)  # what all four share
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")  # a GPT-2's shape: GPTConfig's fields
 HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
 
 # OpenAI's code stored these four weights as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
@@ -42,13 +44,13 @@ def locate(name_or_path):
     path = Path(name_or_path)
     if path.is_dir():
         if not (path / "model.safetensors").is_file():
-            raise SystemExit(f"error: {path} has no model.safetensors")
+            raise UserError(f"{path} has no model.safetensors")
         config = path / "config.json"
         return path / "model.safetensors", config if config.is_file() else None
     if path.is_file():
         config = path.parent / "config.json"
         return path, config if config.is_file() else None
-    raise SystemExit(f"error: unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)}, "
+    raise UserError(f"unknown model {name_or_path!r}: use one of {', '.join(PRETRAINED)}, "
                      f"or a folder or .safetensors file")
 
 
@@ -64,7 +66,7 @@ def read(name_or_path):
         tensors[name if name.startswith("transformer.") else "transformer." + name] = tensor.float().contiguous()
     head, wte = raw.get("lm_head.weight"), tensors.get("transformer.wte.weight")
     if head is not None and wte is not None and not head.float().equal(wte):
-        raise SystemExit(f"error: {path}: lm_head is not tied to wte; GPT-2 ties them")
+        raise UserError(f"{path}: lm_head is not tied to wte; GPT-2 ties them")
     return tensors, _read_shape(config_file, tensors, str(name_or_path), path)
 
 
@@ -74,25 +76,42 @@ def check_fits(state, model, path):
     ours = {name: tuple(t.shape) for name, t in model.state_dict().items() if name != "lm_head.weight"}
     missing, unexpected = sorted(set(ours) - set(state)), sorted(set(state) - set(ours))
     if missing or unexpected:
-        raise SystemExit(f"error: {path} is not a GPT-2 checkpoint of this shape: missing {missing[:3]}, "
+        raise UserError(f"{path} is not a GPT-2 checkpoint of this shape: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != ours[name]:
-            raise SystemExit(f"error: {path}: {name} has shape {tuple(tensor.shape)} in our layout, "
+            raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)} in our layout, "
                              f"expected {ours[name]}")
+
+
+def shape_of(config):
+    """{SHAPE_KEYS: value} of a GPTConfig."""
+    return {key: getattr(config, key) for key in SHAPE_KEYS}
+
+
+def read_config_json(config_file):
+    """(the model's shape (SHAPE_KEYS), the whole config) from a Hugging Face config.json; a one-line error unless
+    it describes GPT-2's architecture."""
+    hf = None
+    try:
+        hf = json.loads(Path(config_file).read_text())
+        shape = dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], vocab_size=hf["vocab_size"],
+                     block_size=hf["n_positions"])
+    except OSError as e:
+        raise UserError(f"cannot read {config_file} ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(hf, dict) and hf.get("model_type", "gpt2") != "gpt2":
+            raise UserError(f"{config_file} describes a {hf['model_type']!r} model, not GPT-2") from None
+        raise UserError(f"{config_file} is not a GPT-2 config.json ({e!r})") from None
+    if hf.get("n_inner") not in (None, 4 * shape["n_embd"]) or hf.get("activation_function") != "gelu_new":
+        raise UserError(f"{config_file}: only GPT-2's 4x MLP with gelu_new is supported")
+    return shape, hf
 
 
 def _read_shape(config_file, tensors, name_or_path, path):
     """The model's shape from config.json, else from the table of the four released models."""
     if config_file is not None:
-        try:
-            hf = json.loads(Path(config_file).read_text())
-            if hf.get("n_inner") not in (None, 4 * hf["n_embd"]) or hf.get("activation_function") != "gelu_new":
-                raise SystemExit(f"error: {config_file}: only GPT-2's 4x MLP with gelu_new is supported")
-            return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                        vocab_size=hf["vocab_size"], block_size=hf["n_positions"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {config_file} is not a GPT-2 config.json ({e!r})") from None
+        return read_config_json(config_file)[0]
     if name_or_path in PRETRAINED:
         return {**PRETRAINED[name_or_path], **RELEASED_SHAPE}
     # A bare file: it is one of the released models if its shapes say so (n_head cannot be read off shapes).
@@ -101,7 +120,7 @@ def _read_shape(config_file, tensors, name_or_path, path):
     for shape in PRETRAINED.values():
         if wte is not None and tuple(wte.shape) == (50257, shape["n_embd"]) and n_layer == shape["n_layer"]:
             return {**shape, **RELEASED_SHAPE}
-    raise SystemExit(f"error: {path}: no config.json beside it and its shapes are none of {', '.join(PRETRAINED)}")
+    raise UserError(f"{path}: no config.json beside it and its shapes are none of {', '.join(PRETRAINED)}")
 
 
 def hf_state_dict(state_dict):
@@ -114,7 +133,7 @@ def hf_state_dict(state_dict):
 def hf_config(config):
     """A config.json that transformers reads as GPT2LMHeadModel (and GPT.from_pretrained reads too)."""
     if not config.bias:
-        raise SystemExit("error: GPT-2 checkpoints always have biases; this model has none")
+        raise UserError("GPT-2 checkpoints always have biases; this model has none")
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

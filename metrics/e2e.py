@@ -60,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plumbing.errors import UserError
+
 # ---------------------------------------------------------------------------------------------------------
 # BLEU and NIST: pymteval (measure_scores.py -p)
 # ---------------------------------------------------------------------------------------------------------
@@ -454,9 +456,9 @@ def score_all(hyps: list[str], refs: list[list[str]], with_meteor=True) -> dict[
 def _check_inputs(hyps, refs) -> None:
     """A one-line error unless there is one list of at least one reference string per hypothesis string."""
     if len(hyps) != len(refs):
-        raise SystemExit(f"error: {len(hyps)} hypotheses but {len(refs)} reference lists: need one per hypothesis")
+        raise UserError(f"{len(hyps)} hypotheses but {len(refs)} reference lists: need one per hypothesis")
     if not hyps:
-        raise SystemExit("error: nothing to score: no hypotheses")
+        raise UserError("nothing to score: no hypotheses")
     for i, (hyp, hyp_refs) in enumerate(zip(hyps, refs, strict=True)):
         if not isinstance(hyp, str) or isinstance(hyp_refs, str) or not hyp_refs:
-            raise SystemExit(f"error: item {i}: need a hypothesis string and a non-empty list of reference strings")
+            raise UserError(f"item {i}: need a hypothesis string and a non-empty list of reference strings")

@@ -32,6 +32,8 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
+from plumbing.errors import UserError
+
 
 def cache_dir() -> Path:
     """The folder for downloaded weights and data: $LORA_GPT_CACHE if set, else ~/.cache/lora-gpt."""
@@ -75,7 +77,7 @@ def atomic_write(path) -> Iterator[BinaryIO]:
         with suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):  # a full disk, a read-only folder: one line, and the old file stays
-            raise SystemExit(f"error: could not write {path}: {e.strerror or e}") from None
+            raise UserError(f"could not write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -96,7 +98,7 @@ def atomic_dir(path) -> Iterator[Path]:
     """
     path = Path(path)
     if path.exists():
-        raise SystemExit(f"error: {path} already exists")
+        raise UserError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, ".tmpdir")
     tmp.mkdir()
@@ -105,7 +107,7 @@ def atomic_dir(path) -> Iterator[Path]:
         # Checked again: something may have created `path` while the body ran, and on POSIX a rename
         # onto an existing empty folder would silently replace it.
         if path.exists():
-            raise SystemExit(f"error: {path} already exists")
+            raise UserError(f"{path} already exists")
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,9 +140,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
-def _bad(path, detail: str) -> SystemExit:
+def _bad(path, detail: str) -> UserError:
     """The one error for a malformed file; it names the file so the user knows which one to replace."""
-    return SystemExit(f"error: {path} is not a valid safetensors file: {detail}")
+    return UserError(f"{path} is not a valid safetensors file: {detail}")
 
 
 def _is_count(x) -> bool:
@@ -232,7 +234,7 @@ def _open_for_reading(path) -> BinaryIO:
     try:
         return open(path, "rb")
     except OSError as err:
-        raise SystemExit(f"error: cannot read {path}: {err.strerror or err}") from None
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def read_safetensors_header(path) -> tuple[dict, dict[str, str]]:
@@ -252,7 +254,7 @@ def load_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     no more memory than the tensors themselves and nothing keeps the file open afterwards.
     """
     if sys.byteorder != "little":  # the format is little-endian; we do not byte-swap
-        raise SystemExit("error: reading safetensors files needs a little-endian machine")
+        raise UserError("reading safetensors files needs a little-endian machine")
     tensors = {}
     with _open_for_reading(path) as f:
         entries, metadata, data_start = _parse_header(path, f, os.fstat(f.fileno()).st_size)
@@ -404,8 +406,8 @@ def download(url: str, dest, desc: str | None = None) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
-    def failed(reason: str) -> SystemExit:
-        return SystemExit(f"error: could not download {url} ({reason}); download it by hand and put it at {dest}")
+    def failed(reason: str) -> UserError:
+        return UserError(f"could not download {url} ({reason}); download it by hand and put it at {dest}")
 
     for attempt in range(2):
         try:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from data.e2e.prepare import EOT
+from plumbing.errors import UserError
 
 NEWLINES = 628  # "\n\n": GPT-2's token for a blank line; the E2E decoder ends a hypothesis on it too
 
@@ -69,10 +70,10 @@ def beam_search(model, prompt, beam=10, max_new_tokens=64, length_penalty=0.8, n
     prompt = [int(token) for token in prompt]
     block_size = model.config.block_size
     if not 0 < len(prompt) < block_size:
-        raise SystemExit(f"error: the prompt has {len(prompt)} tokens; beam search needs 1 to {block_size - 1} "
+        raise UserError(f"the prompt has {len(prompt)} tokens; beam search needs 1 to {block_size - 1} "
                          f"(the model's block_size is {block_size})")
     if beam < 1:
-        raise SystemExit(f"error: beam must be at least 1, got {beam}")
+        raise UserError(f"beam must be at least 1, got {beam}")
     max_new_tokens = min(max_new_tokens, block_size - len(prompt))
     if max_new_tokens < 1:
         return []

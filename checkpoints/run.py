@@ -1,24 +1,29 @@
-"""Checks a run makes before any heavy work: arguments, the output folder, and what must be downloaded.
+"""A training run's folder: the checks train.py makes before any heavy work (arguments, the output folder, what
+must be downloaded), and what it saves and resumes from.
 
 Every mistake a user can make is a one-line `error:` here, before the model loads; offline, one run lists every
 missing file at once, each with the URL it comes from and the path to put it.
 """
 
+import json
 import os
 from pathlib import Path
 
 import torch
 
+from checkpoints.adapters import save_adapter
 from data.e2e import prepare
-from tools import files, hf_checkpoint
-from tools.device import pick_device
+from lora import lora_state_dict
+from plumbing import files, hf_checkpoint
+from plumbing.device import pick_device
+from plumbing.errors import UserError
 
 RUN_FILES = ("adapter.safetensors", "ckpt.pt", "log.jsonl")
 
 
 def require(condition, message):
     if not condition:
-        raise SystemExit(f"error: {message}")
+        raise UserError(f"{message}")
 
 
 def check_numbers(args, rules):
@@ -77,11 +82,38 @@ def fetch_or_list(needed):
         for what, url, path in needed:
             files.download(url, path, desc=what)
         return
-    except SystemExit as e:
+    except UserError as e:
         reason = str(e).removeprefix("error: ")
     missing = [f"{what}: {url} -> {path}" for what, url, path in needed if not Path(path).is_file()]
-    raise SystemExit(f"error: {reason}. Everything still missing (see the README's 'Offline' section): "
+    raise UserError(f"{reason}. Everything still missing (see the README's 'Offline' section): "
                      + " | ".join(missing or ["nothing else"]))
+
+
+def save(out, model, opt, step, total, args, log, data_format):
+    """A run's folder: everything --resume needs to continue exactly (the LoRA weights, the optimizer, the RNG
+    states, the step) in ckpt.pt, the adapter in adapter.safetensors, and the log, each written atomically."""
+    state = dict(lora=lora_state_dict(model), optimizer=opt.state_dict(), step=step, total=total,
+                 args=vars(args), torch_rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    save_adapter(model, out / "adapter.safetensors", data_format)  # first: it refuses non-finite tensors
+    files.atomic_torch_save(state, out / "ckpt.pt")
+    with files.atomic_write(out / "log.jsonl") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in log).encode())
+
+
+def resume(out, model, opt, args, run_defining):
+    """(step, log) of the run saved in out, with its LoRA weights, optimizer state and RNG states put back into
+    model, opt and torch; refused if it was made with other run-defining arguments."""
+    state = load_checkpoint(out / "ckpt.pt", args, run_defining)
+    with torch.no_grad():
+        for name, tensor in lora_state_dict(model).items():
+            tensor.copy_(state["lora"][name])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][:state["step"]]
+    return state["step"], log
 
 
 def load_checkpoint(path, args, run_defining):
@@ -89,7 +121,7 @@ def load_checkpoint(path, args, run_defining):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: torch raises many kinds
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     differ = [k for k in run_defining if state["args"].get(k) != getattr(args, k)]
     require(not differ, "--resume with other settings than the checkpoint's: " +
             ", ".join(f"--{k} {state['args'].get(k)} (was) vs {getattr(args, k)}" for k in differ))

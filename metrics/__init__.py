@@ -1,0 +1,1 @@
+"""Scoring generated text against references: the E2E challenge's metrics, and TER."""
