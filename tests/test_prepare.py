@@ -307,6 +307,47 @@ def test_pretokenize_rules_by_hand(text, tokenized):
     assert prepare.pretokenize(text) == tokenized
 
 
+# The test split's rules (TEST_WORD_RULES), one case per rule: each expected text differs from what the dev rules
+# give, so each case fails if its rule is missing.
+@pytest.mark.parametrize("text, tokenized", [
+    ("It isn't, they don't, you can't, we won't, they aren't.",
+     "It is n't , they do n't , you ca n't , we wo n't , they are n't ."),  # Penn Treebank clitics
+    # a hyphen splits two letters or two digits, not a number from a word
+    ("a 5-star, family-friendly pub for 20-25 with 1-star food",
+     "a 5-star , family - friendly pub for 20 - 25 with 1-star food"),
+    ("from £20-£25, 20£-25 or E20-E25.", "from £ 20-£25 , 20£-25 or E20-E25 ."),  # price ranges stay whole
+    ("rated 1 out of 5. it is near", "rated 1 out of 5 . it is near"),  # "5." splits its period
+    ("an average rating thats based", "an average rating that s based"),
+    ("wine and hors d'oeuvre", "wine and hors d'oeuvre"),  # an apostrophe inside a word that starts no clitic
+])
+def test_pretokenize_test_split_rules_by_hand(text, tokenized):
+    assert prepare.pretokenize(text, "test") == tokenized
+    assert prepare.pretokenize(text) != tokenized  # the dev file's rules give another text
+
+
+def test_test_split_keeps_the_dev_rules_elsewhere():
+    text = "It's family-friendly, £20-25 at 'The Mill'.."
+    assert prepare.pretokenize(text, "test") == prepare.pretokenize(text) == (
+        "It 's family - friendly , £ 20 - 25 at ' The Mill ' ..")
+
+
+def test_prepare_gives_the_test_split_its_rules(tmp_path):
+    """The completion tokens, test.txt and format_refs of the test split follow the test rules; the same row
+    prepared as the dev split follows the dev rules; the context is the same in both."""
+    mr, ref = "name[The Mill], eatType[pub], priceRange[£20-25]", "The Mill isn't a 5-star pub."
+    src = tmp_path / "src"
+    src.mkdir()
+    write_csv(src / "testset_w_refs.csv", [(mr, ref)])
+    write_csv(src / "devset.csv", [(mr, ref)])
+    prepare.prepare(tmp_path, source=src, splits=("test", "dev"))
+    context = "name : The Mill | Type : pub | price : £ 20 - 25"
+    for split, completion in [("test", "The Mill is n't a 5-star pub ."), ("dev", "The Mill isn 't a 5 - star pub .")]:
+        assert (tmp_path / f"{split}.txt").read_text(encoding="utf-8") == f"{context}||{completion} \n"
+        assert prepare.load_mrs(tmp_path, split)[0]["format_refs"] == [completion]
+        tokens, prompt_len = example(batches.load_split(tmp_path, split), 0)
+        assert get_tokenizer().decode(tokens[prompt_len:].tolist()) == f" {completion}<|endoftext|>"
+
+
 def test_paper_context_renames_three_attributes_in_mr_order():
     mr = "name[The Mill], eatType[pub], priceRange[£20-25], customer rating[high], familyFriendly[yes]"
     assert prepare.paper_context(mr) == ("name : The Mill | Type : pub | price : £ 20 - 25 | customer rating : high"

@@ -92,17 +92,37 @@ WORD_RULES = [
 ]
 BARE_NUMBER = re.compile(r"-?[.,]?\d[\d,.\-]*\.")
 
+# The LoRA repository's test file was made by another tokenizer than its dev file: it splits contractions the Penn
+# Treebank way and keeps a number joined to a word. These rules replace WORD_RULES for the test split (and there a
+# word-final period is always split off, "5. in" too). The context is made by the dev rules in both files. Not copied:
+# that file pads each ";" with spaces to byte 574 of its line (13 lines), which the E2E metrics' tokenizers drop.
+TEST_WORD_RULES = [
+    # any symbol but . ' , - stands alone, a currency sign only where it starts the word: £20 -> £ 20, 20£-25 stays
+    (re.compile(r"^[£$]|[^\w\s.',\-£$]"), r" \g<0> "),
+    # a hyphen between two letters or two digits: family - friendly, 20 - 25; 5-star, E20-E25, 20-£25 stay whole
+    (re.compile(rf"(?<={ALPHA})-(?={ALPHA})|(?<=\d)-(?=\d)"), " - "),
+    WORD_RULES[2],  # a run of dots is one token, as in the dev file
+    WORD_RULES[3],  # a comma, except inside a number, as in the dev file
+    # an apostrophe that starts or ends a word is a quote: ' The Mill ' ; inside a word it stays (hors d'oeuvre) ...
+    (re.compile(r"(?<!\w)'|'(?!\w)"), " ' "),
+    # ... unless it starts one of English's clitics, which stand alone the Penn Treebank way: It 's, is n't, ca n't
+    (re.compile(rf"(?<={ALPHA})(n't|'(?:s|re|ve|ll|d|m))(?!\w)", re.IGNORECASE), r" \1"),
+    (re.compile(r"^([Tt]hat)s$"), r"\1 s"),  # "thats" is read as "that's" missing its apostrophe: that s
+]
 
-def pretokenize(text):
-    """The LoRA repository's text: `It's family-friendly.` -> `It 's family - friendly .`."""
+
+def pretokenize(text, split="dev"):
+    """The LoRA repository's text: `It's family-friendly.` -> `It 's family - friendly .` (its train and dev
+    files); the test split follows TEST_WORD_RULES: `It isn't 5-star.` -> `It is n't 5-star .`."""
+    rules = TEST_WORD_RULES if split == "test" else WORD_RULES
     words, out = text.split(), []
     for i, word in enumerate(words):
-        for pattern, replacement in WORD_RULES:
+        for pattern, replacement in rules:
             word = pattern.sub(replacement, word)
         # A word-final period is split off (the sentence splitter ended a sentence there), except after a bare
-        # number followed by a lower-case word ("1 out of 5. in the city" keeps "5.").
+        # number followed by a lower-case word ("1 out of 5. in the city" keeps "5.") outside the test split.
         next_word = words[i + 1] if i + 1 < len(words) else ""
-        if not (BARE_NUMBER.fullmatch(words[i]) and next_word[:1].islower()):
+        if split == "test" or not (BARE_NUMBER.fullmatch(words[i]) and next_word[:1].islower()):
             word = re.sub(r"(?<=[^\s.])\.(?=\s|$)", " .", word)
         out.append(word)
     return " ".join(" ".join(out).split())
@@ -120,16 +140,17 @@ def prompt_tokens(enc, mr, data_format):
     return enc.encode_ordinary(f"{mr} ||")
 
 
-def completion_text(ref, data_format):
-    """What the model learns to write for this reference (before the final EOT)."""
-    return " " + (pretokenize(ref) if data_format == "paper" else ref)
+def completion_text(ref, data_format, split="dev"):
+    """What the model learns to write for this reference (before the final EOT); the test split's paper text
+    follows the LoRA repository's test file (see TEST_WORD_RULES)."""
+    return " " + (pretokenize(ref, split) if data_format == "paper" else ref)
 
 
-def example_tokens(enc, mr, ref, data_format):
+def example_tokens(enc, mr, ref, data_format, split="dev"):
     """One example's tokens (prompt + completion + EOT) and its prompt length. encode_ordinary treats the text
     "<|endoftext|>" inside a reference as plain characters, so the only special tokens are the EOTs added here."""
     prompt = prompt_tokens(enc, mr, data_format)
-    return prompt + enc.encode_ordinary(completion_text(ref, data_format)) + [EOT], len(prompt)
+    return prompt + enc.encode_ordinary(completion_text(ref, data_format, split)) + [EOT], len(prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,11 +231,11 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
         rows = read_csv(csv_path)
         tokens, offsets, prompt_lens = [], [0], []
         for mr, ref in tqdm(rows, desc=f"tokenizing {split}", unit=" rows"):
-            example, prompt_len = example_tokens(enc, mr, ref, data_format)
+            example, prompt_len = example_tokens(enc, mr, ref, data_format, split)
             tokens.extend(example)
             offsets.append(len(tokens))
             prompt_lens.append(prompt_len)
-        mrs = [{"mr": mr, "refs": refs, "format_refs": [completion_text(r, data_format)[1:] for r in refs]}
+        mrs = [{"mr": mr, "refs": refs, "format_refs": [completion_text(r, data_format, split)[1:] for r in refs]}
                for mr, refs in unique_mrs(rows)]
         try:
             write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format)
@@ -235,7 +256,7 @@ def write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_f
         (tmp / f"{split}_mrs.json").write_text(json.dumps(mrs, ensure_ascii=False, indent=1), encoding="utf-8")
         names = [f"{split}.npz", f"{split}_mrs.json"]
         if data_format == "paper":
-            (tmp / f"{split}.txt").write_text("".join(f"{paper_context(mr)}||{pretokenize(ref)} \n"
+            (tmp / f"{split}.txt").write_text("".join(f"{paper_context(mr)}||{pretokenize(ref, split)} \n"
                                                       for mr, ref in rows), encoding="utf-8")
             names.append(f"{split}.txt")
         for name in names:
