@@ -1,1 +1,1 @@
-"""Scoring generated text against references: the E2E challenge's metrics, and TER."""
+"""Scoring generated text against references: the E2E challenge's metrics (e2e.py), and TER (ter.py)."""

@@ -1,0 +1,68 @@
+"""DART v1.1.1 -> prompt / completion examples, as the LoRA paper's DART runs saw them.
+
+The files are the dataset's JSON (Yale-LILY/dart, data/v1.1.1/; microsoft/LoRA's format_converting_dart.py reads
+the same ones): a list of entries, each holding
+    tripleset     [[subject, relation, object], ...]
+    annotations   [{"source", "text"}, ...]: the reference texts
+
+Each entry's triples become one context, exactly as theirs: the relation lower-cased, the rest as written,
+    "Mars Hill College : joined : 1973 | Mars Hill College : location : Mars Hill, North Carolina"
+and each annotation one example {"prompt": context, "completion": text}. Entries with the same context are scored
+together (data/tasks.py groups by prompt, as their gpt2_decode.py keys on the context). An annotation whose text
+is empty is left out (theirs would keep it): there is nothing to learn from or score against.
+"""
+
+import json
+from pathlib import Path
+
+from plumbing.errors import UserError
+
+URL = "https://raw.githubusercontent.com/Yale-LILY/dart/master/data/v1.1.1/"
+SPLITS = {"train": "dart-v1.1.1-full-train.json", "dev": "dart-v1.1.1-full-dev.json",
+          "test": "dart-v1.1.1-full-test.json"}
+URLS = {split: URL + name for split, name in SPLITS.items()}
+NOT_DART = "not a DART v1.1.1 JSON file (a list of entries with 'tripleset' and 'annotations')"
+
+
+def context(tripleset):
+    """The prompt for a triple set: "subject : relation : object | ...", relations lower-cased."""
+    return " | ".join(f"{subject} : {relation.lower()} : {obj}" for subject, relation, obj in tripleset)
+
+
+def load_json(path):
+    """The parsed JSON of path; a one-line error for a missing, non-UTF-8 or non-JSON file (the XML release)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg}); {NOT_DART}") from None
+
+
+def entries(path):
+    """[(tripleset, texts), ...] of a DART file, in file order, after checking its layout (one-line errors)."""
+    data = load_json(path)
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{path}: no list of entries at the top; {NOT_DART}")
+    out = []
+    for number, entry in enumerate(data, start=1):
+        if not (isinstance(entry, dict) and isinstance(entry.get("tripleset"), list)
+                and isinstance(entry.get("annotations"), list)):
+            raise UserError(f"{path}: entry {number} has no 'tripleset' and 'annotations' lists; {NOT_DART}")
+        tripleset = entry["tripleset"]
+        if not tripleset or not all(isinstance(t, list) and len(t) == 3 and all(isinstance(x, str) for x in t)
+                                    for t in tripleset):
+            raise UserError(f"{path}: entry {number}: a triple that is not [subject, relation, object]; "
+                             f"{NOT_DART}")
+        if not all(isinstance(a, dict) and isinstance(a.get("text"), str) for a in entry["annotations"]):
+            raise UserError(f"{path}: entry {number}: an annotation without a 'text'; {NOT_DART}")
+        out.append((tripleset, [a["text"] for a in entry["annotations"] if a["text"].strip()]))
+    return out
+
+
+def examples(path):
+    """The examples of a DART file in the plain format: one per annotation, in file order."""
+    return [{"prompt": context(tripleset), "completion": text} for tripleset, texts in entries(path) for text in texts]
