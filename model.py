@@ -211,7 +211,7 @@ class GPT(nn.Module):
             # OpenAI's code stored four weights per layer as Conv1D, (in, out): the transpose of nn.Linear's.
             # c_attn and c_fc would fail on shape if left as they are, but attn.c_proj is square.
             state[name] = tensor.t() if name.endswith(hf_checkpoint.CONV1D_WEIGHTS) else tensor
-        hf_checkpoint.check_fits(state, model, name_or_path)  # every name and shape, or a one-line error
+        hf_checkpoint.check_state_fits(state, model, name_or_path)  # every name and shape, or a one-line error
         state["lm_head.weight"] = state["transformer.wte.weight"]  # the head is wte, tied
         model.load_state_dict(state, assign=True)
         model.lm_head.weight = model.transformer.wte.weight  # tie again: assign made them two parameters

@@ -374,7 +374,7 @@ def read_adapter(path):
 # Loading into a model, and several adapters on one base.
 
 
-def check_fits(model, info, path):
+def check_adapter_fits(model, info, path):
     """Refuse an adapter made for another model shape (unknown entries of a PEFT adapter's shape pass)."""
     have = shape_of(model.config)
     differ = [f"{k} {info.shape[k]} vs {have[k]}" for k in SHAPE_KEYS if info.shape[k] not in (None, have[k])]
@@ -386,7 +386,7 @@ def check_fits(model, info, path):
 def put_adapter(model, tensors, info, path):
     """Give model (without LoRA layers) LoRA layers with info's LoRAConfig holding exactly these tensors (the
     tensors themselves where they already have the model's device and dtype: no copy)."""
-    check_fits(model, info, path)
+    check_adapter_fits(model, info, path)
     lora.apply_lora(model, info.lora)
     expected = lora.lora_state_dict(model)
     if {n: tuple(t.shape) for n, t in tensors.items()} != {n: tuple(t.shape) for n, t in expected.items()}:
@@ -428,7 +428,7 @@ class AdapterBank:
 
     def add(self, name, path):
         tensors, info = read_adapter(path)
-        check_fits(self.model, info, path)
+        check_adapter_fits(self.model, info, path)
         self.adapters[name] = (tensors, info, path)
 
     def use(self, name):

@@ -4,7 +4,7 @@ model.py's from_pretrained calls read() and does the two things a student should
 the tied head); everything here is file plumbing:
 - the four released checkpoints by name, downloaded once into the cache folder;
 - a folder with model.safetensors (+ an optional config.json), or a bare .safetensors file;
-- names with or without the 'transformer.' prefix, the old attention-mask buffers dropped; check_fits checks
+- names with or without the 'transformer.' prefix, the old attention-mask buffers dropped; check_state_fits checks
   every name and shape against the model, so a wrong file is a one-line error, not a load_state_dict traceback;
 - hf_state_dict / hf_config: the exact inverse, for writing a checkpoint transformers loads (merge.py).
 """
@@ -70,7 +70,7 @@ def read(name_or_path):
     return tensors, _read_shape(config_file, tensors, str(name_or_path), path)
 
 
-def check_fits(state, model, path):
+def check_state_fits(state, model, path):
     """A one-line error, naming the tensor, unless state (our layout) has exactly model's tensors and shapes:
     load_state_dict would say it in a traceback of every mismatch."""
     ours = {name: tuple(t.shape) for name, t in model.state_dict().items() if name != "lm_head.weight"}

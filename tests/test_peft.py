@@ -9,6 +9,7 @@ import torch
 from conftest import write_hf_gpt2
 
 import merge
+from analysis import similarity_grid
 from checkpoints import adapters as peft_adapter
 from checkpoints.adapters import AdapterBank, read_adapter, save_adapter
 from checkpoints.loading import load_model
@@ -207,6 +208,6 @@ def test_analyze_gives_the_same_numbers_on_a_peft_folder(base, tmp_path, capsys)
     tensors, config = peft_adapter.read_adapter(folder)
     assert analyze.adapted_projections(tensors, folder) == [(0, "q"), (0, "k"), (0, "v"), (1, "q"), (1, "k"), (1, "v")]
     assert analyze.lora_A(tensors, 1, "q").equal(analyze.lora_A(tensors, 1, "v"))
-    assert analyze.similarity_grid(analyze.lora_A(tensors, 1, "q"), analyze.lora_A(tensors, 1, "k"))[3, 3] == \
+    assert similarity_grid(analyze.lora_A(tensors, 1, "q"), analyze.lora_A(tensors, 1, "k"))[3, 3] == \
         pytest.approx(1.0)
     shutil.rmtree(folder)

@@ -150,3 +150,25 @@ def test_grad_accum_2_gives_the_grad_accum_1_losses(tiny_gpt2, e2e_small, tmp_pa
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two, strict=True)) <= 1e-5
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) <= 1e-5
+
+
+def test_dev_loss_is_the_mean_per_target_token_at_every_batch_size(tiny_gpt2, e2e_small):
+    """dev_loss weights each batch by its number of targets: the same figure at batch sizes 1, 3 and 8, and equal
+    to the cross-entropy summed over every target of every example, one example at a time, over their count. (A
+    mean of batch means would differ: E2E examples have different numbers of targets.)"""
+    model = GPT.from_pretrained(tiny_gpt2)
+    split = load_split(e2e_small, "dev")
+    n = 11
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(n):
+            tokens = torch.from_numpy(split.tokens[split.offsets[i]:split.offsets[i + 1]].astype("int64"))
+            logits, _ = model(tokens[None, :-1])
+            start = int(split.prompt_lens[i]) - 1  # the first target is the first completion token
+            losses = torch.nn.functional.cross_entropy(logits[0, start:], tokens[start + 1:], reduction="sum")
+            total, count = total + losses.item(), count + len(tokens) - 1 - start
+    per_token = total / count
+    figures = [dev_loss(model, split, batch_size, "cpu", limit=n) for batch_size in (1, 3, 8)]
+    assert figures == pytest.approx([per_token] * 3, rel=1e-6)
+    lengths = split.lengths[:n] - split.prompt_lens[:n]
+    assert lengths.min() != lengths.max()  # so the weighting matters
