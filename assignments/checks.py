@@ -294,7 +294,7 @@ def forward_and_step(seed, batch, label_smoothing, n_examples=6, **shape):
 
 def similarity(seed, d, r1, r2):
     """phi(A1, A2, i, j) for every i <= r1, j <= r2, with A2 sharing part of A1's row space."""
-    from analysis import subspace_similarity
+    from lora_analysis import subspace_similarity
 
     g = generator(seed)
     A1 = torch.randn(r1, d, generator=g)
@@ -308,7 +308,7 @@ def similarity(seed, d, r1, r2):
 
 def amplification(seed, out_features, in_features, r):
     """projection_norms of a random rank-r Delta W against a random W."""
-    from analysis import projection_norms
+    from lora_analysis import projection_norms
 
     g = generator(seed)
     W = torch.randn(out_features, in_features, generator=g)

@@ -36,7 +36,7 @@ PARTS = [
     Part(4, "the completion-only loss and one training step", 20,
          {"data/e2e/batches.py": ["make_batch"], "model.py": ["GPT.forward"]}, "1.5 h"),
     Part(5, "what LoRA learned: subspace similarity and amplification", 10,
-         {"analysis.py": ["subspace_similarity", "projection_norms"]}, "1 h"),
+         {"lora_analysis.py": ["subspace_similarity", "projection_norms"]}, "1 h"),
 ]
 
 # Part 6 has no code to write: an experiment and written answers, graded by hand. The grader only says

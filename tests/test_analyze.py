@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import write_hf_gpt2
 
-import analysis
-from analysis import expected_random_grid, projection_norms, similarity_grid, w_delta_similarity
+import lora_analysis
 from checkpoints.adapters import save_adapter
 from lora import LoRAConfig, apply_lora
+from lora_analysis import expected_random_grid, projection_norms, similarity_grid, w_delta_similarity
 from model import GPT
 from plumbing.files import load_safetensors
 from tools import analyze
@@ -41,19 +41,19 @@ def test_phi_of_a_matrix_with_itself_is_one_and_phi_lies_in_unit_interval():
     g = torch.Generator().manual_seed(0)
     A = torch.randn(6, 40, generator=g)
     for i in range(1, 7):
-        assert analysis.subspace_similarity(A, A, i, i) == pytest.approx(1.0, abs=1e-6)
+        assert lora_analysis.subspace_similarity(A, A, i, i) == pytest.approx(1.0, abs=1e-6)
     # against itself every top-i subspace contains every smaller one: the whole grid is 1
     np.testing.assert_allclose(similarity_grid(A, A), 1.0, atol=1e-6)
     # mixing A's rows keeps its row space: the full subspaces agree (phi = 1) though the top directions move
     R = torch.randn(6, 6, generator=g)
-    assert analysis.subspace_similarity(A, R @ A, 6, 6) == pytest.approx(1.0, abs=1e-6)
+    assert lora_analysis.subspace_similarity(A, R @ A, 6, 6) == pytest.approx(1.0, abs=1e-6)
     other = torch.randn(4, 40, generator=g)
     grid = similarity_grid(A, other)
     assert grid.shape == (6, 4)
     assert grid.min() >= 0.0 and grid.max() <= 1.0
     assert grid.max() < 0.9  # two random 6- and 4-dim subspaces of R^40 are far from nested
     for i, j in [(1, 1), (3, 2), (6, 4)]:  # the grid is eq. 4 entry by entry
-        assert grid[i - 1, j - 1] == pytest.approx(analysis.subspace_similarity(A, other, i, j), abs=1e-12)
+        assert grid[i - 1, j - 1] == pytest.approx(lora_analysis.subspace_similarity(A, other, i, j), abs=1e-12)
 
 
 def test_expected_random_grid_is_max_i_j_over_d():
@@ -79,10 +79,10 @@ def test_independent_gaussian_matrices_have_phi_equal_to_max_i_j_over_d_on_avera
     assert mean[7, 7] == pytest.approx(8 / 512, abs=0.006)
     # random_baseline draws such a pair with the shapes of the given matrices: one draw, 4 sd = 0.024
     A1, A2 = torch.zeros(r1, d), torch.zeros(r2, d)
-    baseline = analysis.random_baseline(A1, A2, seed=3)
+    baseline = lora_analysis.random_baseline(A1, A2, seed=3)
     assert baseline.shape == (r1, r2)
     assert baseline.mean() == pytest.approx(expected.mean(), abs=0.024)
-    np.testing.assert_array_equal(baseline, analysis.random_baseline(A1, A2, seed=3))
+    np.testing.assert_array_equal(baseline, lora_analysis.random_baseline(A1, A2, seed=3))
 
 
 def test_planted_shared_subspace_is_found_and_nothing_beyond_it():
@@ -149,7 +149,7 @@ def test_figure8_grid_sees_delta_w_outside_w_top_directions():
         # W's top 4 directions are orthogonal to all of Delta W's; its next 3 span exactly Delta W's 3
         np.testing.assert_allclose(grid[3, :], 0.0, atol=1e-6)
         assert grid[6, 2] == pytest.approx(1.0, abs=1e-6)
-    assert analysis.random_w_similarity(W, r=3).shape == (32, 3)
+    assert lora_analysis.random_w_similarity(W, r=3).shape == (32, 3)
 
 
 def test_delta_w_is_scale_times_b_a_and_base_weight_takes_the_right_rows():

@@ -29,7 +29,7 @@ BUGS = {
     "the causal mask is off by one": ("model.py", ".tril(diagonal=past)", ".tril(diagonal=past + 1)", 1),
     "Conv1D weights not transposed": ("model.py", "tensor.t() if name.endswith(hf_checkpoint.CONV1D_WEIGHTS)",
                                       "tensor if name.endswith(hf_checkpoint.CONV1D_WEIGHTS)", 0),
-    "phi divided by max(i, j)": ("analysis.py", "** 2 / min(i, j))", "** 2 / max(i, j))", 5),
+    "phi divided by max(i, j)": ("lora_analysis.py", "** 2 / min(i, j))", "** 2 / max(i, j))", 5),
 }
 
 # A correct solution written another way: einsum instead of matmul, other loop orders, other helpers.
@@ -182,7 +182,7 @@ def make_batch(split, indices, pad_to=1):
     return x, y
 ''',
     },
-    "analysis.py": {
+    "lora_analysis.py": {
         "subspace_similarity": '''
 def subspace_similarity(A1, A2, i, j):
     _, _, vh1 = np.linalg.svd(np.asarray(A1, dtype=np.float64), full_matrices=False)
@@ -246,7 +246,7 @@ def graded(tmp_path_factory):
     repos["alternative"] = with_functions(copy_project(tmp / "alternative"), ALTERNATIVE)
     repos["syntax error in lora.py"] = copy_project(tmp / "syntax")
     edit(repos["syntax error in lora.py"], "lora.py", "def lora_layers(model):", "def lora_layers(model)")
-    repos["endless loop in phi"] = with_functions(copy_project(tmp / "loop"), {"analysis.py": {
+    repos["endless loop in phi"] = with_functions(copy_project(tmp / "loop"), {"lora_analysis.py": {
         "subspace_similarity": "def subspace_similarity(A1, A2, i, j):\n    while True:\n        pass\n"}})
     # the starter's public tests run alongside the grading
     public = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],

@@ -9,11 +9,11 @@ import torch
 from conftest import write_hf_gpt2
 
 import merge
-from analysis import similarity_grid
 from checkpoints import adapters as peft_adapter
 from checkpoints.adapters import AdapterBank, read_adapter, save_adapter
 from checkpoints.loading import load_model
 from lora import LoRAConfig, apply_lora, config_of, lora_state_dict
+from lora_analysis import similarity_grid
 from model import GPT
 from plumbing.errors import UserError
 from plumbing.files import load_safetensors

@@ -5,7 +5,7 @@ Two questions, two commands:
     python -m tools.analyze similarity A.safetensors B.safetensors  # 7.2: do two adapters learn the same things?
     python -m tools.analyze deltaw A.safetensors                     # 7.3: how does Delta W relate to W?
 
-The maths (subspace similarity, eq. 4; Delta W against W, Table 7, Figure 8, appendix H) is analysis.py; this
+The maths (subspace similarity, eq. 4; Delta W against W, Table 7, Figure 8, appendix H) is lora_analysis.py; this
 file reads adapter files and base weights, draws the plots (optional: only when matplotlib is installed) and is
 the command line.
 """
@@ -15,7 +15,9 @@ import io
 import re
 from pathlib import Path
 
-from analysis import (
+from checkpoints.adapters import read_adapter
+from lora import TARGETS
+from lora_analysis import (
     expected_random_grid,
     projection_norms,
     random_baseline,
@@ -24,15 +26,13 @@ from analysis import (
     top_tenth,
     w_delta_similarity,
 )
-from checkpoints.adapters import read_adapter
-from lora import TARGETS
 from model import GPT
 from plumbing import files as checkpoint
 from plumbing.errors import UserError, reported
 from plumbing.hf_checkpoint import shape_of
 
 # ----------------------------------------------------------------------------------------------------------
-# Delta W of an adapter's tensors (the maths of sections 7.2 and 7.3 is in analysis.py).
+# Delta W of an adapter's tensors (the maths of sections 7.2 and 7.3 is in lora_analysis.py).
 
 
 def delta_w(tensors, layer, projection, scale):
