@@ -14,6 +14,17 @@ from data.e2e.prepare import EOT
 from plumbing.errors import UserError
 
 NEWLINES = 628  # "\n\n": GPT-2's token for a blank line; the E2E decoder ends a hypothesis on it too
+# The widest beam the scripts accept. Every step holds each beam's KV cache and scores beam x vocab candidates:
+# at 256 beams, GPT-2 (124M) and 128 positions that is 2.4 GB of cache and 51 MB of logits a step, and far wider
+# beams only fill memory (the paper uses 10; wider beams are known to lower BLEU, not raise it).
+MAX_BEAM = 256
+
+
+def check_beam_width(beam):
+    """A one-line error for a beam width outside 1..MAX_BEAM, for the scripts to check before a model loads."""
+    if not 1 <= beam <= MAX_BEAM:
+        raise UserError(f"--beam {beam}: must be 1 to {MAX_BEAM} (each beam holds a KV cache and scores the whole "
+                        f"vocabulary at every step; the paper uses 10)")
 
 
 @torch.no_grad()

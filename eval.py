@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 import lora
-from beam import beam_search
+from beam import beam_search, check_beam_width
 from checkpoints import run as preflight
+from checkpoints.adapters import adapter_path
 from checkpoints.loading import describe_lora, load_model
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
@@ -87,7 +88,8 @@ def check_args(args):
         if args.model is not None or args.adapter is not None or args.merged is not None:
             raise UserError("--hyp scores a file of outputs; it takes no --model, --adapter or --merged")
         return
-    for name in ("beam", "max_new_tokens", "limit", "val_examples", "val_batch_size"):
+    check_beam_width(args.beam)
+    for name in ("max_new_tokens", "limit", "val_examples", "val_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
@@ -178,7 +180,7 @@ def default_out(args):
     if args.out is not None:
         return Path(args.out)
     if args.adapter is not None:
-        return Path(args.adapter).parent
+        return adapter_path(args.adapter).parent  # the run folder
     if args.merged is not None:
         merged = Path(args.merged)
         return merged if merged.is_dir() else merged.parent

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import lora
+from checkpoints.adapters import adapter_path
 from checkpoints.loading import describe, describe_lora, load_model
 from checkpoints.merged import compare, model_outputs, write_checkpoint
 from data.e2e.prepare import DATA_DIR, get_tokenizer, load_mrs, prompt_tokens
@@ -140,13 +141,14 @@ def merge(args):
     device = pick_device(args.device)
     if device.startswith("mps"):
         device = "cpu"  # the check needs float64, which mps lacks
-    model, data_format = load_model(model=args.model, adapter=args.adapter)  # the adapter names its base
+    adapter = adapter_path(args.adapter)  # a run folder means the adapter file in it
+    model, data_format = load_model(model=args.model, adapter=adapter)  # the adapter names its base
     description = describe(model)
     model.to(device).eval()
-    print(f"{description}, adapter {args.adapter}, on {device}")
+    print(f"{description}, adapter {adapter}, on {device}")
     if args.check_tokens >= model.config.block_size:
         raise UserError(f"--check_tokens must be below the model's block_size {model.config.block_size}")
-    prompts, source = check_prompts(args.data or training_data(args.adapter), args.n_check,
+    prompts, source = check_prompts(args.data or training_data(adapter), args.n_check,
                                     model.config.block_size - args.check_tokens, data_format)
     print(f"checking on {source}")
     model.double()  # the check computes in float64 (see the top of this file)
@@ -161,7 +163,7 @@ def merge(args):
         print("ok; --check-only: nothing written")
         return figures
 
-    metadata = {"base_model": str(model.name_or_path), "adapter": str(args.adapter),
+    metadata = {"base_model": str(model.name_or_path), "adapter": str(adapter),
                 "lora": describe_lora(lora.config_of(model)), "data_format": data_format}
     with atomic_dir(args.out) as tmp:
         write_checkpoint(model, tmp, metadata)

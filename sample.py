@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from beam import beam_search
+from beam import beam_search, check_beam_width
 from checkpoints.adapters import AdapterBank, read_adapter
 from checkpoints.loading import describe, load_model
 from data.e2e.prepare import EOT, get_tokenizer, prompt_tokens
@@ -29,6 +29,7 @@ from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported
 
 DEFAULT_PROMPT = "Hello, I'm a language model,"
+MAX_SAMPLES = 1024
 FILE_PREFIX = "FILE:"  # --prompt FILE:path reads the prompt from a file
 
 
@@ -100,7 +101,12 @@ def check_options(args):
         raise UserError("--model and --merged cannot be used together: --merged DIR is the whole model")
     if args.prompt is not None and args.mr is not None:
         raise UserError("--prompt and --mr cannot be used together: give one prompt")
-    for name in ("num_samples", "max_new_tokens", "top_k", "beam"):
+    if args.beam is not None:
+        check_beam_width(args.beam)
+    if args.num_samples > MAX_SAMPLES:
+        raise UserError(f"--num_samples {args.num_samples}: at most {MAX_SAMPLES} (the samples are drawn as one "
+                        "batch, each with its own KV cache); run again with another --seed for more")
+    for name in ("num_samples", "max_new_tokens", "top_k"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")

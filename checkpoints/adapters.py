@@ -361,9 +361,26 @@ def fill_zeros(tensors, targets, n_layer, rank, n_embd):
                 tensors[ours(layer, module, key, "B")] = torch.zeros(n_out, rank, dtype=dtype)
 
 
+RUN_ADAPTER = "adapter.safetensors"  # the adapter file in a train.py run folder
+
+
+def adapter_path(path):
+    """Where the adapter named by `path` is: the file itself, a PEFT folder, or a train.py run folder's
+    adapter.safetensors. Any other folder is a one-line error saying what it must hold."""
+    path = Path(path)
+    if not path.is_dir() or is_peft_folder(path):
+        return path
+    if (path / RUN_ADAPTER).is_file():
+        return path / RUN_ADAPTER
+    raise UserError(f"{path} is a folder with neither {RUN_ADAPTER} (a train.py run folder) nor adapter_config.json "
+                    f"(a PEFT adapter folder): pass the adapter file, or one of those folders")
+
+
 def read_adapter(path):
-    """(tensors, AdapterInfo) of an adapter in either format: our .safetensors file or a PEFT folder. One with a NaN
-    or infinite number (a diverged run, or another tool's) is refused: it would only generate garbage."""
+    """(tensors, AdapterInfo) of an adapter in either format: our .safetensors file (or the run folder holding it) or
+    a PEFT folder. One with a NaN or infinite number (a diverged run, or another tool's) is refused: it would only
+    generate garbage."""
+    path = adapter_path(path)
     tensors, info = read_peft(path) if is_peft_folder(path) else (load_safetensors(path)[0], read_config(path))
     if not all(t.isfinite().all() for t in tensors.values()):
         raise UserError(f"{path} holds NaN or infinite numbers: its training diverged")

@@ -60,6 +60,9 @@ def check_train(args, world_size):
         made = [name for name in RUN_FILES if (out / name).exists()]
         require(not made, f"{out} already holds a run ({', '.join(made)}); use --resume to continue it, "
                           f"or another --out")
+    shape = hf_checkpoint.known_shape(args.model)
+    require(shape is None or args.rank <= shape["n_embd"], f"--rank {args.rank}: must be at most the model's n_embd "
+            f"({shape and shape['n_embd']}): B A cannot have a higher rank than its smaller side")
     writable_folder(out)
     writable_folder(args.data)
     fetch_or_list(downloads_for(args.model, args.data, ("train", "dev")))

@@ -35,6 +35,15 @@ def hub_file(name):
     return files.cache_dir() / name / "model.safetensors"
 
 
+def known_shape(name_or_path):
+    """The shape of a released model or of a folder with a config.json, read without loading any weight; None when
+    only the weights could tell."""
+    if name_or_path in PRETRAINED:
+        return {**PRETRAINED[name_or_path], **RELEASED_SHAPE}
+    config_file = Path(name_or_path) / "config.json"
+    return read_config_json(config_file)[0] if config_file.is_file() else None
+
+
 def locate(name_or_path):
     """(model.safetensors path, config.json path or None), downloading a released model when needed."""
     if name_or_path in PRETRAINED:

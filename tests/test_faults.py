@@ -235,3 +235,100 @@ def test_no_meteor_prints_no_java_hint_and_merge_checks_on_the_training_data(tmp
     torch.save({"args": {"data": str(tmp_path / "my_data")}}, tmp_path / "run" / "ckpt.pt")
     assert merge.training_data(tmp_path / "run" / "adapter.safetensors") == str(tmp_path / "my_data")
     assert merge.training_data(tmp_path / "adapter.safetensors") == prepare.DATA_DIR
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Edges a new user meets: each case failed on the main of 2026-12-02 (issue 24).
+
+@pytest.mark.parametrize("script, argv", [
+    (sample, ["--mr", "name[X]", "--max_new_tokens", "2"]),
+    (eval, ["--split", "dev", "--no_val_loss", "--out", "{tmp}"]),
+])
+def test_a_beam_wider_than_the_bound_is_refused_before_the_model_loads(script, argv, tmp_path):
+    """--beam 100000 used to be accepted and then to run with no progress and no end. The model named here does
+    not exist: the beam's error comes first."""
+    from beam import MAX_BEAM
+
+    for width in (100000, MAX_BEAM + 1, 0):
+        with pytest.raises(SystemExit) as err:
+            script.main(["--model", str(tmp_path / "no-such-model"), "--beam", str(width),
+                         *(a.format(tmp=tmp_path) for a in argv)])
+        assert str(err.value) == (f"error: --beam {width}: must be 1 to {MAX_BEAM} (each beam holds a KV cache and "
+                                  "scores the whole vocabulary at every step; the paper uses 10)")
+    assert MAX_BEAM == 256
+
+
+def test_a_sweep_checks_every_setting_before_its_first_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --beam 100000: must be 1 to 256"):
+        sweep.main(["ranks", "--ranks", "1", "--beam", "100000", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match=r"^error: r0: rank 0 must be at least 1"):
+        sweep.main(["ranks", "--ranks", "4", "0", "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()  # no run was started
+
+
+@tokenizer
+def test_every_dev_loss_pass_shows_a_progress_bar(tiny_gpt2, e2e_small, capsys):
+    from data.e2e.batches import dev_loss, load_split
+    from model import GPT
+
+    dev_loss(GPT.from_pretrained(tiny_gpt2), load_split(e2e_small, "dev"), 4, "cpu", limit=12)
+    err = capsys.readouterr().err
+    assert "dev loss:   0%|          | 0/3" in err  # 12 examples in batches of 4
+
+
+def test_prepared_data_and_analysis_outputs_are_ignored_by_git():
+    """A student's `git add .` after preparing data or drawing heatmaps commits none of them."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    made = ["data/e2e/train.txt", "data/e2e/dev.txt", "data/e2e/test.txt", "data/e2e/dev_mrs.json",
+            "data/e2e/dev.npz", "data/webnlg/dev.jsonl", "analysis/similarity_layer0_q.png", "out/adapter.safetensors",
+            "sweep_ranks/table.md"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *made], cwd=root, capture_output=True, text=True)
+    assert done.stdout.split() == made
+    kept = ["data/e2e/prepare.py", "data/e2e/batches.py", "lora_analysis.py"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *kept], cwd=root, capture_output=True, text=True)
+    assert done.stdout.split() == []
+
+
+def test_an_adapter_folder_must_be_a_run_folder_or_a_peft_folder(tiny_gpt2, tmp_path):
+    from checkpoints.adapters import adapter_path, read_adapter
+
+    run = tmp_path / "r4"
+    run.mkdir()
+    train_tiny_adapter(tiny_gpt2, run / "adapter.safetensors")
+    assert adapter_path(run) == run / "adapter.safetensors"  # a train.py run folder: its adapter file
+    assert read_adapter(run)[1].lora.rank == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"empty is a folder with neither adapter.safetensors \(a train.py run "
+                                        r"folder\) nor adapter_config.json \(a PEFT adapter folder\)"):
+        read_adapter(tmp_path / "empty")
+    with pytest.raises(SystemExit, match=r"^error: .*empty is a folder with neither adapter.safetensors"):
+        sample.main(["--adapter", str(tmp_path / "empty"), "--prompt", "x", "--device", "cpu"])
+
+
+@pytest.mark.parametrize("content", ["", "meaning,text\nname[X],X is.\n"], ids=["empty", "wrong header"])
+def test_a_failed_prepare_leaves_no_folder(content, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "devset.csv").write_text(content, encoding="utf-8")
+    with pytest.raises(UserError):
+        prepare.prepare(tmp_path / "out", source=src, splits=("dev",))
+    assert not (tmp_path / "out").exists()
+
+
+@tokenizer
+def test_a_rank_above_n_embd_and_too_many_samples_are_refused_first(tiny_gpt2, e2e_small, tmp_path):
+    """Two more numbers without an upper bound on 2026-12-02: --rank (the tiny model has n_embd 64, so r = 65 can
+    only be a mistake: B A has rank at most 64) and --num_samples (drawn as one batch)."""
+    with pytest.raises(SystemExit) as err:
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--rank", "65"))
+    assert str(err.value) == ("error: --rank 65: must be at most the model's n_embd (64): B A cannot have a higher "
+                              "rank than its smaller side")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match=r"^error: --num_samples 1025: at most 1024"):
+        sample.main(["--model", str(tmp_path / "no-such-model"), "--num_samples", "1025"])

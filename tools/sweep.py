@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from beam import check_beam_width
 from data.e2e import prepare
 from lora import TARGETS
 from plumbing.errors import UserError, reported
@@ -122,6 +123,13 @@ def trainable_count(adapter):
 
 
 def sweep(args):
+    # every run's numbers before the first run starts: a mistake found after hours of training costs those hours
+    check_beam_width(args.beam)
+    for name, _, rank in settings(args):
+        if rank < 1:
+            raise UserError(f"{name}: rank {rank} must be at least 1")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
     rows = []
     for name, targets, rank in settings(args):
         run = args.out / name

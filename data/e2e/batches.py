@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.e2e.prepare import EOT, read_format
 from plumbing.errors import UserError
@@ -104,7 +105,7 @@ def dev_loss(model, split, batch_size, device, limit=None, autocast=None):
     model.eval()
     n = len(split) if limit is None else min(limit, len(split))
     loss_sum, count = 0.0, 0
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc="dev loss", unit=" batch", leave=False, dynamic_ncols=True):
         indices = np.arange(start, min(start + batch_size, n))
         x, y = make_batch(split, indices)
         with autocast or torch.autocast("cpu", enabled=False):

@@ -217,7 +217,6 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
     data_dir = Path(data_dir)
     if data_format not in FORMATS:
         raise UserError(f"unknown data format {data_format!r}: use {' or '.join(FORMATS)}")
-    data_dir.mkdir(parents=True, exist_ok=True)
     for split in splits:
         if not force and is_prepared(data_dir, split):
             raise UserError(f"{data_dir} already holds {split} in the {read_format(data_dir, split)} format; "
@@ -237,7 +236,8 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
             prompt_lens.append(prompt_len)
         mrs = [{"mr": mr, "refs": refs, "format_refs": [completion_text(r, data_format, split)[1:] for r in refs]}
                for mr, refs in unique_mrs(rows)]
-        try:
+        try:  # the folder is made only now: a CSV that fails to read leaves no empty folder behind
+            data_dir.mkdir(parents=True, exist_ok=True)
             write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format)
         except OSError as e:  # a full disk, a read-only folder
             raise UserError(f"could not write {split}'s files into {data_dir}: {e.strerror or e}") from None
