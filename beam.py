@@ -10,7 +10,7 @@ states each rule and says where in gpt2_beam.py it comes from.
 import torch
 import torch.nn.functional as F
 
-from data.e2e.prepare import EOT
+from data.tasks import EOT
 from plumbing.errors import UserError
 
 NEWLINES = 628  # "\n\n": GPT-2's token for a blank line; the E2E decoder ends a hypothesis on it too

@@ -30,6 +30,7 @@ from beam import beam_search, check_beam_width
 from checkpoints import run as preflight
 from checkpoints.adapters import adapter_path
 from checkpoints.loading import describe_lora, load_model
+from data import tasks
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
 from metrics import e2e as metrics
@@ -205,7 +206,7 @@ def evaluate(args):
     # one matmul per projection instead of one plus two per update.
     lora.merge_lora(model)
     model.to(device).eval()
-    enc = prepare.get_tokenizer()
+    enc = tasks.get_tokenizer()
 
     data = Path(args.data)
     splits = [args.split] + (["dev"] if not args.no_val_loss and args.split != "dev" else [])

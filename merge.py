@@ -29,7 +29,8 @@ import lora
 from checkpoints.adapters import adapter_path
 from checkpoints.loading import describe, describe_lora, load_model
 from checkpoints.merged import compare, model_outputs, write_checkpoint
-from data.e2e.prepare import DATA_DIR, get_tokenizer, load_mrs, prompt_tokens
+from data.e2e.prepare import DATA_DIR, load_mrs, prompt_tokens
+from data.tasks import get_tokenizer
 from model import GPT
 from plumbing.device import pick_device
 from plumbing.errors import UserError, reported

@@ -23,7 +23,8 @@ import torch
 from beam import beam_search, check_beam_width
 from checkpoints.adapters import AdapterBank, read_adapter
 from checkpoints.loading import describe, load_model
-from data.e2e.prepare import EOT, get_tokenizer, prompt_tokens
+from data.e2e.prepare import prompt_tokens
+from data.tasks import EOT, get_tokenizer
 from model import GPT
 from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from data.e2e.prepare import EOT
+from data.tasks import EOT
 from plumbing.errors import UserError
 from plumbing.files import save_safetensors
 from plumbing.hf_checkpoint import hf_config, hf_state_dict

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from checkpoints.adapters import save_adapter
+from data import tasks
 from data.e2e import prepare
 from lora import lora_state_dict
 from plumbing import files, hf_checkpoint
@@ -81,7 +82,7 @@ def downloads_for(model, data_dir, splits):
 def fetch_or_list(needed):
     """Get the tokenizer and every file in `needed`; if one cannot be had, one error lists all that is missing."""
     try:
-        prepare.get_tokenizer()
+        tasks.get_tokenizer()
         for what, url, path in needed:
             files.download(url, path, desc=what)
         return

@@ -33,9 +33,30 @@ import numpy as np
 
 from plumbing.errors import UserError
 
-EOT = 50256  # <|endoftext|>, which ends the prompt and the completion
+EOT = 50256  # <|endoftext|>: GPT-2's one special token, ending every example (and padding batches)
+TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+TIKTOKEN_FILES = {  # tiktoken's gpt2 files, and the names its cache (TIKTOKEN_CACHE_DIR) gives them
+    TIKTOKEN_URL + "vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
+    TIKTOKEN_URL + "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
+}
 FORMAT = "prompt_completion"  # the `format` recorded in a prepared .npz
 OPTIONAL_FIELDS = ("group", "category")
+
+
+def get_tokenizer():
+    """GPT-2's byte-pair encoding (tiktoken's 'gpt2'); "\\n\\n" is token 628, <|endoftext|> is EOT."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception:  # tiktoken raises several kinds when it cannot fetch its two files
+        raise UserError(tokenizer_help()) from None
+
+
+def tokenizer_help():
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "a folder of your choice, named in TIKTOKEN_CACHE_DIR")
+    files = "; ".join(f"{url} saved as {name}" for url, name in TIKTOKEN_FILES.items())
+    return f"GPT-2's tokenizer files are missing and could not be downloaded: put {files} into {cache}"
 
 
 # ----------------------------------------------------------------------------------------------------------

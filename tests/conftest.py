@@ -17,7 +17,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def tokenizer_available():
     """Whether tiktoken's gpt2 files can be had: from ../shared (set above), its own cache, or the network."""
 
-    from data.e2e.prepare import get_tokenizer
+    from data.tasks import get_tokenizer
 
     try:
         get_tokenizer()

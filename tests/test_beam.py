@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from beam import beam_search, repeated_ngram_bans
-from data.e2e.prepare import EOT
+from data.tasks import EOT
 from model import GPT, GPTConfig
 from plumbing.errors import UserError
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.e2e.prepare import EOT
+from data.tasks import EOT
 from tools import bench
 
 

@@ -15,7 +15,7 @@ from checkpoints.adapters import save_adapter
 from checkpoints.loading import load_model
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
-from data.e2e.prepare import get_tokenizer
+from data.tasks import get_tokenizer
 from metrics import e2e as metrics
 from model import GPT, GPTConfig
 

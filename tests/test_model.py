@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import write_hf_gpt2
 
-from data.e2e.prepare import EOT, get_tokenizer
+from data.tasks import EOT, get_tokenizer
 from model import GPT
 from plumbing.errors import UserError
 from plumbing.hf_checkpoint import PRETRAINED, hf_state_dict

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data.e2e import batches, prepare
-from data.e2e.prepare import EOT, get_tokenizer
+from data.tasks import EOT, get_tokenizer
 from plumbing.errors import UserError
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)

@@ -8,7 +8,7 @@ import sample
 from beam import beam_search
 from checkpoints.loading import load_model
 from data.e2e import prepare
-from data.e2e.prepare import EOT, get_tokenizer
+from data.tasks import EOT, get_tokenizer
 from model import GPT
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)

@@ -118,7 +118,7 @@ def test_groups_by_group_else_by_prompt_in_order_of_first_appearance():
 
 @pytest.mark.tokenizer
 def test_tokens_are_the_lora_repositorys_encoding():
-    from data.e2e.prepare import get_tokenizer
+    from data.tasks import get_tokenizer
 
     enc = get_tokenizer()
     examples = [{"prompt": "a : b", "completion": "Hello <|endoftext|> world"}, {"prompt": "", "completion": "x"}]
@@ -138,7 +138,7 @@ def test_valid_txt_tokenizes_as_the_e2e_paper_format():
     """The LoRA repository's E2E lines, read as plain examples, give data/e2e/prepare.py's paper tokens."""
     from data.e2e import prepare
 
-    enc = prepare.get_tokenizer()
+    enc = tasks.get_tokenizer()
     rows = prepare.read_csv(DEVSET_CSV)
     tokens, offsets, prompt_lens = tasks.tokenize(enc, tasks.read_lora_lines(VALID_TXT))
     expected = [prepare.example_tokens(enc, mr, ref, "paper") for mr, ref in rows]
@@ -149,7 +149,7 @@ def test_valid_txt_tokenizes_as_the_e2e_paper_format():
 @pytest.mark.tokenizer
 def test_write_split_is_read_by_load_split(tmp_path):
     from data.e2e.batches import load_split, make_batch
-    from data.e2e.prepare import get_tokenizer
+    from data.tasks import get_tokenizer
 
     enc = get_tokenizer()
     examples = [{"prompt": "a : b", "completion": "A is b.", "category": "X"},

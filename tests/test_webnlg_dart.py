@@ -165,7 +165,7 @@ def test_dart_v111_dev():
 @needs_dart
 def test_dev_token_counts():
     """Tokens per split as the LoRA repository encodes them (prompt + EOT + " " completion + EOT)."""
-    from data.e2e.prepare import get_tokenizer
+    from data.tasks import get_tokenizer
 
     enc = get_tokenizer()
     counts = {}

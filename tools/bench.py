@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from data.e2e import batches, prepare
-from data.e2e.prepare import EOT
+from data.tasks import EOT
 from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model import GPT
 from plumbing.device import compile_for_training

@@ -38,7 +38,7 @@ import torch
 
 from checkpoints.merged import compare, model_outputs
 from data.e2e import batches, prepare
-from data.e2e.prepare import EOT
+from data.tasks import EOT
 from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model import GPT, GPTConfig
 from plumbing.device import compile_for_training, set_cpu_threads

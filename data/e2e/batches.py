@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.e2e.prepare import EOT, read_format
+from data.e2e.prepare import read_format
+from data.tasks import EOT
 from plumbing.errors import UserError
 
 BUCKET_BATCHES = 50  # batch_order(bucket=True) sorts by length within windows of this many batches

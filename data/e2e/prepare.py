@@ -36,36 +36,15 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/e2e/prepare.py`: the project's root, to import plumbing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data.tasks import EOT, get_tokenizer  # noqa: E402
 from plumbing.errors import UserError, reported  # noqa: E402
 from plumbing.files import download  # noqa: E402
 
-EOT = 50256  # <|endoftext|>: GPT-2's one special token, ending every example (and padding batches)
 DATA_DIR = Path(__file__).resolve().parent
 SPLITS = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 E2E_URL = "https://raw.githubusercontent.com/tuetschek/e2e-dataset/master/"
 URLS = {split: E2E_URL + name for split, name in SPLITS.items()}
 FORMATS = ("paper", "plain")
-TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-TIKTOKEN_FILES = {  # tiktoken's gpt2 files, and the names its cache (TIKTOKEN_CACHE_DIR) gives them
-    TIKTOKEN_URL + "vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
-    TIKTOKEN_URL + "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
-}
-
-
-def get_tokenizer():
-    """GPT-2's byte-pair encoding (tiktoken's 'gpt2'); "\\n\\n" is token 628, <|endoftext|> is EOT."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception:  # tiktoken raises several kinds when it cannot fetch its two files
-        raise UserError(tokenizer_help()) from None
-
-
-def tokenizer_help():
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "a folder of your choice, named in TIKTOKEN_CACHE_DIR")
-    files = "; ".join(f"{url} saved as {name}" for url, name in TIKTOKEN_FILES.items())
-    return f"GPT-2's tokenizer files are missing and could not be downloaded: put {files} into {cache}"
 
 
 # ----------------------------------------------------------------------------------------------------------
