@@ -12,7 +12,14 @@ line per MR, in the order the MRs first appear in the CSV, to {out}/predictions_
 dev loss per token; scores the outputs with metrics.score_all (BLEU, NIST, METEOR, ROUGE-L, CIDEr, as the official
 scorer); prints a row like the paper's Table 18 and appends the figures as a JSON line to {out}/results.jsonl.
 
-With --hyp FILE --refs CSV it does the official scorer's job alone: FILE holds one output per line for each
+WebNLG, DART and your own data (a model trained on a folder that data/tasks.py prepared; the adapter records
+the task): each input of the split (its references grouped) is decoded the same way and scored with BLEU, METEOR
+and TER as those tasks' official evaluations report them, WebNLG's on its seen, unseen and all categories:
+
+    python eval.py --adapter out/webnlg/adapter.safetensors           # data/webnlg/test
+    python eval.py --adapter out/mine/adapter.safetensors --data data/mine --split dev
+
+With --hyp FILE --refs CSV it does the official E2E scorer's job alone: FILE holds one output per line for each
 unique MR of CSV, in order of first appearance.
 """
 
@@ -33,7 +40,9 @@ from checkpoints.loading import describe_lora, load_model
 from data import tasks
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
+from data.webnlg import prepare as webnlg
 from metrics import e2e as metrics
+from metrics import ter
 from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported
 from plumbing.files import atomic_write
@@ -52,12 +61,12 @@ def parse_args(argv=None):
                    ".safetensors file (default: the adapter's base model, or gpt2)")
     p.add_argument("--adapter", default=None, help="adapter file written by train.py")
     p.add_argument("--merged", default=None, help="merged checkpoint folder written by merge.py")
-    p.add_argument("--data", default=str(prepare.DATA_DIR), help="folder of the prepared E2E data (prepared, "
-                   "and downloaded, when missing)")
-    p.add_argument("--split", default="test", choices=["test", "dev"], help="the MRs to decode and score")
+    p.add_argument("--data", default=None, help="folder of the prepared data (default: data/TASK of the model's "
+                   "task, e.g. data/e2e, which is prepared, and downloaded, when missing)")
+    p.add_argument("--split", default="test", choices=["test", "dev"], help="the inputs to decode and score")
     p.add_argument("--beam", type=int, default=10, help="beam size")
-    p.add_argument("--length_penalty", type=float, default=0.8, help="the LoRA repository's E2E command uses 0.8; "
-                   "the paper's Table 11 says 0.9")
+    p.add_argument("--length_penalty", type=float, default=None, help="default: the task's preset (data/tasks.py), "
+                   "0.8 for all three; for E2E the LoRA repository's command uses 0.8, the paper's Table 11 0.9")
     p.add_argument("--references", default=None, choices=["paper", "official"], help="score against the "
                    "references in the paper's pre-tokenized form (grouped by context, as microsoft/LoRA's "
                    "gpt2_decode.py does) or as the official CSV has them (default: the model's data format)")
@@ -161,17 +170,50 @@ def table(name, split, n_mrs, val_loss, scores, meteor_asked=True):
     return "\n".join(lines)
 
 
+def task_scores(hyps, refs, categories, task, with_meteor=True):
+    """WebNLG's, DART's or your own data's scores as their official evaluations report them: corpus BLEU (the E2E
+    scorer's, mteval tokenization, lowercased), METEOR (where Java is) and TER (tercom's, metrics/ter.py), each as
+    a fraction; for WebNLG on the seen categories, the unseen ones and all, as the paper's Table 13 does."""
+    subsets = {"all": list(range(len(hyps)))}
+    if task == "webnlg":
+        subsets["seen"] = [i for i, c in enumerate(categories) if webnlg.is_seen(c)]
+        subsets["unseen"] = [i for i, c in enumerate(categories) if not webnlg.is_seen(c)]
+    scores = {}
+    for subset, rows in subsets.items():
+        if not rows:
+            continue  # e.g. no unseen category on the dev split
+        h, r = [hyps[i] for i in rows], [refs[i] for i in rows]
+        scores[subset] = dict(n=len(rows), BLEU=metrics.bleu(h, r),
+                              METEOR=metrics.meteor(h, r) if with_meteor else None, TER=ter.corpus_ter(h, r))
+    return scores
+
+
+def task_table(name, split, val_loss, scores, meteor_asked=True):
+    """A markdown table like the paper's Tables 13 and 14: one row per category subset."""
+    def cell(value):
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
+    lines = ["| model | split | subset | inputs | val_loss | BLEU | METEOR | TER |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for subset, s in scores.items():
+        lines.append(f"| {name} | {split} | {subset} | {s['n']} | {'-' if val_loss is None else f'{val_loss:.4f}'} | "
+                     f"{cell(s['BLEU'])} | {cell(s['METEOR'])} | {cell(s['TER'])} |")
+    lines.append("BLEU, METEOR and TER are x100, as the paper prints them (TER: lower is better).")
+    if meteor_asked and any(s["METEOR"] is None for s in scores.values()):
+        lines.append(METEOR_HINT)
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Decoding
 
-def decode(model, enc, mrs, data_format, args, autocast):
-    """Each MR's beam-search output as one line of text (one MR's beams go through the model together)."""
+def decode(model, enc, prompts, args, autocast, max_new_tokens, length_penalty):
+    """Each prompt's beam-search output as one line of text (one prompt's beams go through the model together)."""
     outputs = []
-    for mr in tqdm(mrs, desc="beam search", unit=" MR", dynamic_ncols=True):
-        prompt = prepare.prompt_tokens(enc, mr, data_format)
+    for prompt in tqdm(prompts, desc="beam search", unit=" input", dynamic_ncols=True):
         with autocast:
-            tokens = beam_search(model, prompt, beam=args.beam, max_new_tokens=args.max_new_tokens,
-                                 length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)
+            tokens = beam_search(model, prompt, beam=args.beam, max_new_tokens=max_new_tokens,
+                                 length_penalty=length_penalty, no_repeat_ngram=args.no_repeat_ngram)
         outputs.append(one_line(enc.decode(tokens)))
     return outputs
 
@@ -201,30 +243,45 @@ def evaluate(args):
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     model, data_format = load_model(model=args.model, adapter=args.adapter, merged=args.merged)
     lora_settings = lora.config_of(model)
-    references = args.references or data_format
+    task = data_format if data_format in tasks.TASK_FORMATS else "e2e"
+    if task != "e2e" and args.references is not None:
+        raise UserError(f"--references chooses between E2E's two forms of references; this model was trained on "
+                        f"{task} data, whose references are its own")
+    references = args.references or (data_format if task == "e2e" else task)
+    length_penalty = args.length_penalty if args.length_penalty is not None else tasks.PRESETS.get(
+        task, tasks.PRESETS["e2e"])["length_penalty"]
     # Fold the adapter into the weights, as loralib does in eval mode: the same function (up to rounding), and
     # one matmul per projection instead of one plus two per update.
     lora.merge_lora(model)
     model.to(device).eval()
     enc = tasks.get_tokenizer()
 
-    data = Path(args.data)
+    if args.data is None and task == tasks.FORMAT:
+        raise UserError("this model was trained on your own data: say with --data which prepared folder to score")
+    data = Path(args.data) if args.data is not None else tasks.data_dir(task)
     splits = [args.split] + (["dev"] if not args.no_val_loss and args.split != "dev" else [])
-    prepare.prepare_missing(data, splits, data_format)
+    prepare.prepare_missing(data, splits, data_format, task)
     for split in splits:
         if prepare.read_format(data, split) != data_format:
             raise UserError(f"{data} holds {split} in the {prepare.read_format(data, split)} format, but the "
                              f"model was trained on the {data_format} format; pass --data with that format")
-    items = prepare.load_mrs(data, args.split)[:args.limit]
-    refs = [item["format_refs"] if references == "paper" else item["refs"] for item in items]
+    if task == "e2e":
+        items = prepare.load_mrs(data, args.split)[:args.limit]
+        prompts = [prepare.prompt_tokens(enc, item["mr"], data_format) for item in items]
+        refs = [item["format_refs"] if references == "paper" else item["refs"] for item in items]
+    else:
+        groups = tasks.load_groups(data, args.split)[:args.limit]
+        prompts = [tasks.prompt_tokens(enc, prompt) for prompt, _, _ in groups]
+        refs, categories = [group_refs for _, group_refs, _ in groups], [category for _, _, category in groups]
     name = args.adapter or args.merged or model.name_or_path
-    longest = max(len(prepare.prompt_tokens(enc, item["mr"], data_format)) for item in items)
+    longest = max(len(prompt) for prompt in prompts)
     max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)
     if max_new_tokens < args.max_new_tokens:
         print(f"note: --max_new_tokens {args.max_new_tokens} capped at {max_new_tokens}: the longest prompt has "
               f"{longest} tokens and the model {model.config.block_size} positions")
-    print(f"{name} on {device} ({str(dtype).removeprefix('torch.')}): {len(items)} {args.split} MRs, beam "
-          f"{args.beam}, length penalty {args.length_penalty}, no repeated {args.no_repeat_ngram}-grams; scored "
+    what = "MRs" if task == "e2e" else "inputs"
+    print(f"{name} on {device} ({str(dtype).removeprefix('torch.')}): {len(prompts)} {args.split} {what}, beam "
+          f"{args.beam}, length penalty {length_penalty}, no repeated {args.no_repeat_ngram}-grams; scored "
           f"against the {references} references" + (" (pre-tokenized, as the paper)" if references == "paper" else ""))
 
     val_loss = None
@@ -235,24 +292,30 @@ def evaluate(args):
         print(f"val loss {val_loss:.4f} (mean per target token over {n_examples:,} dev examples)")
 
     t0 = time.perf_counter()
-    predictions = decode(model, enc, [item["mr"] for item in items], data_format, args, autocast)
+    predictions = decode(model, enc, prompts, args, autocast, max_new_tokens, length_penalty)
     decode_seconds = time.perf_counter() - t0
     write_lines(predictions_path, predictions)
 
     t0 = time.perf_counter()
-    scores = metrics.score_all(predictions, refs, with_meteor=not args.no_meteor)
+    if task == "e2e":
+        scores = metrics.score_all(predictions, refs, with_meteor=not args.no_meteor)
+    else:
+        scores = task_scores(predictions, refs, categories, task, with_meteor=not args.no_meteor)
     score_seconds = time.perf_counter() - t0
     print(f"decoded in {decode_seconds:.1f} s, scored in {score_seconds:.1f} s; outputs: {predictions_path}")
-    print(table(name, args.split, len(items), val_loss, scores, not args.no_meteor))
+    if task == "e2e":
+        print(table(name, args.split, len(prompts), val_loss, scores, not args.no_meteor))
+    else:
+        print(task_table(name, args.split, val_loss, scores, not args.no_meteor))
 
     record = dict(
         date=datetime.now().isoformat(timespec="seconds"), model=str(name),
         base_model=str(model.name_or_path), adapter=args.adapter, merged=args.merged,
         lora=describe_lora(lora_settings) if lora_settings else None, data_format=data_format,
         references=references, split=args.split,
-        mrs=len(items), val_loss=val_loss, val_examples=args.val_examples,
-        scores=scores,  # the scorer's units: BLEU, METEOR, ROUGE_L in 0..1
-        settings=dict(beam=args.beam, length_penalty=args.length_penalty,
+        mrs=len(prompts), val_loss=val_loss, val_examples=args.val_examples, task=task,
+        scores=scores,  # the scorers' units: BLEU, METEOR, ROUGE_L, TER in 0..1 (by category subset for WebNLG)
+        settings=dict(beam=args.beam, length_penalty=length_penalty,
                       no_repeat_ngram=args.no_repeat_ngram, max_new_tokens=max_new_tokens,
                       limit=args.limit, device=device, dtype=str(dtype).removeprefix("torch.")),
         predictions=str(predictions_path), decode_seconds=round(decode_seconds, 2),

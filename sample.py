@@ -23,8 +23,11 @@ import torch
 from beam import beam_search, check_beam_width
 from checkpoints.adapters import AdapterBank, read_adapter
 from checkpoints.loading import describe, load_model
+from data import tasks
+from data.dart import prepare as dart
 from data.e2e.prepare import prompt_tokens
 from data.tasks import EOT, get_tokenizer
+from data.webnlg import prepare as webnlg
 from model import GPT
 from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported
@@ -52,6 +55,9 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt", default=None,
                         help=f"the text to continue, or FILE:path to read it from a file; an empty prompt "
                         f"samples unconditionally, after <|endoftext|> (default: {DEFAULT_PROMPT!r})")
+    prompt.add_argument("--triples", nargs="+", default=None,
+                        help="a WebNLG or DART input, one 'subject | property | object' per triple, formatted as the "
+                        "adapter was trained (default: none)")
     prompt.add_argument("--mr", default=None,
                         help="an E2E meaning representation, e.g. 'name[The Vaults], eatType[pub]', "
                         "formatted as the adapter was trained (its data format) (default: none)")
@@ -100,8 +106,8 @@ def check_options(args):
                         "its adapter")
     if args.model is not None and args.merged is not None:
         raise UserError("--model and --merged cannot be used together: --merged DIR is the whole model")
-    if args.prompt is not None and args.mr is not None:
-        raise UserError("--prompt and --mr cannot be used together: give one prompt")
+    if sum(x is not None for x in (args.prompt, args.mr, args.triples)) > 1:
+        raise UserError("--prompt, --mr and --triples cannot be used together: give one prompt")
     if args.beam is not None:
         check_beam_width(args.beam)
     if args.num_samples > MAX_SAMPLES:
@@ -111,6 +117,8 @@ def check_options(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be at least 1, got {value}")
+    for triple in args.triples or []:
+        parse_triple(triple)  # each one checked before the model loads
     if args.temperature < 0:
         raise UserError(f"--temperature must be 0 or more, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -132,12 +140,37 @@ def read_prompt(args):
     return text
 
 
+# How WebNLG and DART write a triple set into the prompt (data/webnlg/prepare.py, data/dart/prepare.py)
+TRIPLE_CONTEXTS = {
+    "webnlg": lambda triples: webnlg.context([dict(subject=s, property=p, object=o) for s, p, o in triples]),
+    "dart": dart.context,
+}
+
+
+def parse_triple(text):
+    """'Aarhus_Airport | cityServed | Aarhus' -> ('Aarhus_Airport', 'cityServed', 'Aarhus')."""
+    parts = [part.strip() for part in text.split("|")]
+    if len(parts) != 3 or not all(parts):
+        raise UserError(f"--triples {text!r}: each triple is 'subject | property | object'")
+    return tuple(parts)
+
+
 def encode_prompt(args, model, data_format):
     """The prompt's token ids: --mr in the model's data format, or the text (empty: <|endoftext|> alone, how
     GPT-2 starts a new text). encode_ordinary, as in training: "<|endoftext|>" typed in a prompt stays text."""
     enc = get_tokenizer()
+    task = data_format if data_format in tasks.TASK_FORMATS else "e2e"
+    if args.mr is not None and task != "e2e":
+        raise UserError(f"--mr is an E2E meaning representation, but the model was trained on {task} data: give "
+                        "--prompt" + (" or --triples" if task in TRIPLE_CONTEXTS else ""))
+    if args.triples is not None and task not in TRIPLE_CONTEXTS:
+        raise UserError(f"--triples is for models trained on WebNLG or DART; this one was trained on {task} data")
     if args.mr is not None:
         tokens = prompt_tokens(enc, args.mr, data_format)
+    elif args.triples is not None:
+        tokens = tasks.prompt_tokens(enc, TRIPLE_CONTEXTS[task]([parse_triple(t) for t in args.triples]))
+    elif task != "e2e":  # the text as a prompt of the task's format: the prompt, then <|endoftext|>
+        tokens = tasks.prompt_tokens(enc, read_prompt(args))
     else:
         tokens = enc.encode_ordinary(read_prompt(args)) or [EOT]
     block_size = model.config.block_size

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from checkpoints import run
 from checkpoints.loading import trainable_report
+from data import tasks
 from data.e2e import prepare
 from data.e2e.batches import batch_order, dev_loss, load_split, make_batch, target_count
 from lora import TARGETS, LoRAConfig, apply_lora
@@ -39,19 +40,22 @@ RUN_DEFINING = ("model", "rank", "alpha", "dropout", "targets", "rslora", "init"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Fine-tune GPT-2 on E2E NLG with LoRA (defaults: the LoRA paper's "
-                                "E2E setting, Table 11).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Fine-tune GPT-2 with LoRA on E2E NLG, WebNLG, DART or your own data "
+                                "(defaults: the LoRA paper's setting for the --preset task, Table 11).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="e2e", choices=list(tasks.PRESETS), help="the task whose paper settings "
+                   "are the defaults (dropout, weight decay, label smoothing); its folder data/TASK is --data's")
     p.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder / "
                    ".safetensors file")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=32, help="LoRA alpha; the update is scaled by alpha / r")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout on the LoRA branch's input")
+    p.add_argument("--dropout", type=float, help="dropout on the LoRA branch's input")
     p.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS,
                    help="which projections get an update")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian"], help="how A starts")
-    p.add_argument("--data", default=str(prepare.DATA_DIR), help="folder of the prepared E2E data (prepared, "
-                   "and downloaded, when missing)")
+    p.add_argument("--data", help="folder of the prepared data, data/PRESET by default (E2E's is prepared, and "
+                   "downloaded, when missing)")
     p.add_argument("--format", default="paper", choices=prepare.FORMATS, help="the data format, when the data "
                    "is prepared here (see data/e2e/prepare.py)")
     p.add_argument("--out", default="out", help="folder for adapter.safetensors, log.jsonl and ckpt.pt")
@@ -62,8 +66,8 @@ def parse_args(argv=None):
                    "(less memory, same result)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=500, help="steps of linear warmup")
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--label_smoothing", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float)
+    p.add_argument("--label_smoothing", type=float)
     p.add_argument("--bucket", action="store_true", help="batch examples of similar length together")
     p.add_argument("--eval_interval", type=int, default=500, help="steps between dev-loss evaluations "
                    "(and resume checkpoints)")
@@ -77,6 +81,11 @@ def parse_args(argv=None):
                    "symbolic)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+    def use_preset(task):  # the task's settings as defaults: flags given explicitly still win
+        p.set_defaults(data=str(tasks.data_dir(task)), **tasks.PRESETS[task]["train"])
+
+    use_preset("e2e")  # what --help shows
+    use_preset(p.parse_known_args(argv)[0].preset)
     return p.parse_args(argv)
 
 
@@ -111,7 +120,7 @@ def train(args):
     dtype = pick_dtype(args.dtype, device)
 
     if master:  # data: prepared (and downloaded) once, by the first process
-        prepare.prepare_missing(args.data, ("train", "dev"), args.format)
+        prepare.prepare_missing(args.data, ("train", "dev"), args.format, args.preset)
     if world_size > 1:
         dist.barrier()
     train_split, dev_split = load_split(args.data, "train"), load_split(args.data, "dev")

@@ -66,31 +66,17 @@ def check_train(args, world_size):
             f"({shape and shape['n_embd']}): B A cannot have a higher rank than its smaller side")
     writable_folder(out)
     writable_folder(args.data)
-    fetch_or_list(downloads_for(args.model, args.data, ("train", "dev")))
+    tasks.fetch_or_list(downloads_for(args.model, args.data, ("train", "dev"), args.preset))
     return device
 
 
-def downloads_for(model, data_dir, splits):
+def downloads_for(model, data_dir, splits, task="e2e"):
     """[(what, url, path)] of the files a run needs and does not have yet (the tokenizer's are checked apart)."""
-    csvs = {s: Path(data_dir) / prepare.SPLITS[s] for s in splits if not prepare.is_prepared(data_dir, s)}
+    csvs = {s: Path(data_dir) / prepare.SPLITS[s] for s in prepare.missing_splits(data_dir, splits, task)}
     needed = [(f"E2E {path.name}", prepare.URLS[s], path) for s, path in csvs.items() if not path.is_file()]
     if model in hf_checkpoint.PRETRAINED and not hf_checkpoint.hub_file(model).is_file():
         needed.append((f"{model} weights", hf_checkpoint.HUB_URL.format(name=model), hf_checkpoint.hub_file(model)))
     return needed
-
-
-def fetch_or_list(needed):
-    """Get the tokenizer and every file in `needed`; if one cannot be had, one error lists all that is missing."""
-    try:
-        tasks.get_tokenizer()
-        for what, url, path in needed:
-            files.download(url, path, desc=what)
-        return
-    except UserError as e:
-        reason = str(e).removeprefix("error: ")
-    missing = [f"{what}: {url} -> {path}" for what, url, path in needed if not Path(path).is_file()]
-    raise UserError(f"{reason}. Everything still missing (see the README's 'Offline' section): "
-                     + " | ".join(missing or ["nothing else"]))
 
 
 def save(out, model, opt, step, total, args, log, data_format):

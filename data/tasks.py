@@ -23,15 +23,21 @@ the prompt. A prepared folder holds, per split (data/e2e/batches.py's load_split
 Mistakes in a file are a one-line UserError "path:line: what is wrong".
 """
 
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from plumbing.errors import UserError
+if __package__ in (None, ""):  # run as `python data/tasks.py`: the project's root, to import plumbing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from plumbing import files  # noqa: E402
+from plumbing.errors import UserError, reported  # noqa: E402
 
 EOT = 50256  # <|endoftext|>: GPT-2's one special token, ending every example (and padding batches)
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -39,7 +45,17 @@ TIKTOKEN_FILES = {  # tiktoken's gpt2 files, and the names its cache (TIKTOKEN_C
     TIKTOKEN_URL + "vocab.bpe": "6d1cbeee0f20b3d9449abfede4726ed8212e3aee",
     TIKTOKEN_URL + "encoder.json": "6c7ea1a7e38e3a7f062df639a5b80947f075ffe6",
 }
-FORMAT = "prompt_completion"  # the `format` recorded in a prepared .npz
+FORMAT = "prompt_completion"  # the `format` recorded in a prepared .npz of your own data
+TASK_FORMATS = (FORMAT, "webnlg", "dart")  # every format tokenized here (E2E's "paper" and "plain" are prepare.py's)
+
+# The LoRA paper's settings for GPT-2 on each task (its Table 11; the same for GPT-2 M and L). The training ones
+# are train.py's defaults under --preset TASK; the decoding ones are eval.py's. E2E's length penalty is the LoRA
+# repository's E2E command's 0.8 (Table 11 says 0.9).
+PRESETS = {
+    "e2e": dict(train=dict(dropout=0.1, weight_decay=0.01, label_smoothing=0.1), length_penalty=0.8),
+    "webnlg": dict(train=dict(dropout=0.1, weight_decay=0.01, label_smoothing=0.1), length_penalty=0.8),
+    "dart": dict(train=dict(dropout=0.0, weight_decay=0.0, label_smoothing=0.0), length_penalty=0.8),
+}
 OPTIONAL_FIELDS = ("group", "category")
 
 
@@ -57,6 +73,20 @@ def tokenizer_help():
     cache = os.environ.get("TIKTOKEN_CACHE_DIR", "a folder of your choice, named in TIKTOKEN_CACHE_DIR")
     files = "; ".join(f"{url} saved as {name}" for url, name in TIKTOKEN_FILES.items())
     return f"GPT-2's tokenizer files are missing and could not be downloaded: put {files} into {cache}"
+
+
+def fetch_or_list(needed):
+    """Get the tokenizer and every file in `needed`; if one cannot be had, one error lists all that is missing."""
+    try:
+        get_tokenizer()
+        for what, url, path in needed:
+            files.download(url, path, desc=what)
+        return
+    except UserError as e:
+        reason = str(e).removeprefix("error: ")
+    missing = [f"{what}: {url} -> {path}" for what, url, path in needed if not Path(path).is_file()]
+    raise UserError(f"{reason}. Everything still missing (see the README's 'Offline' section): "
+                     + " | ".join(missing or ["nothing else"]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,7 +232,7 @@ def tokenize(enc, examples):
     """(tokens uint16, offsets int64, prompt_lens int32): example i is tokens[offsets[i]:offsets[i + 1]], its first
     prompt_lens[i] tokens being the prompt; the arrays data/e2e/batches.py's Split holds."""
     tokens, offsets, prompt_lens = [], [0], []
-    for example in examples:
+    for example in tqdm(examples, desc="tokenizing", unit=" examples", leave=False):
         ids, prompt_len = example_tokens(enc, example)
         tokens.extend(ids)
         offsets.append(len(tokens))
@@ -220,7 +250,7 @@ def is_prepared(data_dir, split):
     return all((Path(data_dir) / name).is_file() for name in split_files(split))
 
 
-def write_split(data_dir, split, enc, examples, force=False):
+def write_split(data_dir, split, enc, examples, force=False, data_format=FORMAT):
     """Tokenize examples and write {split}.npz and {split}_groups.json into data_dir. They are written into a
     temporary folder inside data_dir and moved to their names only when both are complete, the .npz last, so a
     split is whole or absent (on any error, nothing new is left). Returns (number of examples, of tokens)."""
@@ -228,7 +258,7 @@ def write_split(data_dir, split, enc, examples, force=False):
     if not examples:
         raise UserError(f"no examples to write for {split}")
     if not force and any((data_dir / name).exists() for name in split_files(split)):
-        raise UserError(f"{data_dir} already holds the {split} split; pass force=True to replace it")
+        raise UserError(f"{data_dir} already holds the {split} split; pass --force to replace it, or another --out")
     tokens, offsets, prompt_lens = tokenize(enc, examples)
     groups = [{"prompt": p, "references": refs, "category": c} for p, refs, c in group_examples(examples)]
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -236,7 +266,7 @@ def write_split(data_dir, split, enc, examples, force=False):
     try:
         groups_name, npz_name = split_files(split)
         (tmp / groups_name).write_text(json.dumps(groups, ensure_ascii=False, indent=1), encoding="utf-8")
-        np.savez(tmp / npz_name, tokens=tokens, offsets=offsets, prompt_lens=prompt_lens, format=np.array(FORMAT))
+        np.savez(tmp / npz_name, tokens=tokens, offsets=offsets, prompt_lens=prompt_lens, format=np.array(data_format))
         (data_dir / npz_name).unlink(missing_ok=True)  # the old split stops counting as prepared first
         os.replace(tmp / groups_name, data_dir / groups_name)
         os.replace(tmp / npz_name, data_dir / npz_name)
@@ -255,3 +285,70 @@ def load_groups(data_dir, split):
         raise UserError(f"{path}: not found") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: damaged ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preparing a folder: your own files, or a task's downloaded ones.
+
+def data_dir(task):
+    """The folder a task's files are downloaded and prepared into by default: data/e2e, data/webnlg, data/dart."""
+    return Path(__file__).resolve().parent / task
+
+
+def prepare_files(out, paths, reader=read_examples, data_format=FORMAT, force=False):
+    """Read each split's file with reader and write the split into out; every file is read (and checked) before
+    anything is written. Returns {split: (examples, tokens)}."""
+    enc = get_tokenizer()
+    examples = {split: reader(path) for split, path in paths.items()}
+    return {split: write_split(out, split, enc, found, force, data_format) for split, found in examples.items()}
+
+
+def prepare_task(out, source, splits, names, urls, what, reader, data_format, force=False):
+    """A task's splits: its files (names[split]) read from source, or downloaded into out where missing (one error
+    naming every file that could not be had), then prepared into out."""
+    out = Path(out)
+    paths = {split: Path(source or out) / names[split] for split in splits}
+    if source is None:
+        fetch_or_list([(f"{what} {paths[s].name}", urls[s], paths[s]) for s in splits if not paths[s].is_file()])
+    return prepare_files(out, paths, reader, data_format, force)
+
+
+def print_written(written, out):
+    for split, (n, n_tokens) in written.items():
+        print(f"{split}: {n:,} examples, {n_tokens:,} tokens -> {Path(out) / (split + '.npz')}")
+
+
+def task_main(argv, description, default_out, names, urls, what, reader, data_format):
+    """The command line of data/webnlg/prepare.py and data/dart/prepare.py."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--source", type=Path, default=None, help=f"a folder holding {', '.join(names.values())}; they "
+                   "are read from there (nothing is downloaded)")
+    p.add_argument("--out", "--data", dest="out", type=Path, default=default_out,
+                   help=f"the folder to write to (and download to); default {default_out}")
+    p.add_argument("--splits", nargs="+", choices=list(names), default=list(names))
+    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before")
+    args = p.parse_args(argv)
+    with reported():
+        written = prepare_task(args.out, args.source, args.splits, names, urls, what, reader, data_format, args.force)
+    print_written(written, args.out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Prepare your own prompt -> completion data for train.py and eval.py: "
+                                "JSON Lines with 'prompt' and 'completion' (and optional 'group', 'category'), or "
+                                "the LoRA repository's 'context||completion' lines (.txt).")
+    p.add_argument("--train", type=Path, required=True, help="the training examples (.jsonl or .txt)")
+    p.add_argument("--dev", type=Path, required=True, help="the examples of the dev loss (.jsonl or .txt)")
+    p.add_argument("--test", type=Path, default=None, help="the examples eval.py decodes and scores (default: none; "
+                   "eval.py --split dev scores the dev examples)")
+    p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. data/mine")
+    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before")
+    args = p.parse_args(argv)
+    paths = {split: getattr(args, split) for split in ("train", "dev", "test") if getattr(args, split) is not None}
+    with reported():
+        written = prepare_files(args.out, paths, force=args.force)
+    print_written(written, args.out)
+
+
+if __name__ == "__main__":
+    main()

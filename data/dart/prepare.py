@@ -13,14 +13,19 @@ is empty is left out (theirs would keep it): there is nothing to learn from or s
 """
 
 import json
+import sys
 from pathlib import Path
 
-from plumbing.errors import UserError
+if __package__ in (None, ""):  # run as `python data/dart/prepare.py`: the project's root, to import the project
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data import tasks  # noqa: E402
+from plumbing.errors import UserError  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/Yale-LILY/dart/master/data/v1.1.1/"
 SPLITS = {"train": "dart-v1.1.1-full-train.json", "dev": "dart-v1.1.1-full-dev.json",
           "test": "dart-v1.1.1-full-test.json"}
 URLS = {split: URL + name for split, name in SPLITS.items()}
+DATA_DIR = Path(__file__).resolve().parent  # where the files are downloaded and prepared by default
 NOT_DART = "not a DART v1.1.1 JSON file (a list of entries with 'tripleset' and 'annotations')"
 
 
@@ -66,3 +71,13 @@ def entries(path):
 def examples(path):
     """The examples of a DART file in the plain format: one per annotation, in file order."""
     return [{"prompt": context(tripleset), "completion": text} for tripleset, texts in entries(path) for text in texts]
+
+
+def main(argv=None):
+    description = ("Download the DART v1.1.1 splits and prepare them as prompt -> completion examples for train.py and "
+                   "eval.py: one example per annotation, references grouped per triple set.")
+    tasks.task_main(argv, description, DATA_DIR, SPLITS, URLS, "DART", examples, "dart")
+
+
+if __name__ == "__main__":
+    main()

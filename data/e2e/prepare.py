@@ -182,10 +182,32 @@ def is_prepared(data_dir, split):
     return all((Path(data_dir) / f"{split}{suffix}").is_file() for suffix in (".npz", "_mrs.json"))
 
 
-def prepare_missing(data_dir, splits, data_format):
-    """Prepare the splits that data_dir does not hold yet (downloading their CSVs first): what train.py and eval.py
-    do before they read the data."""
-    missing = [split for split in splits if not is_prepared(data_dir, split)]
+def holds_task(data_dir):
+    """The format of a folder that data/tasks.py prepared (webnlg, dart, prompt_completion), or None for E2E's
+    folders and for empty ones."""
+    for npz in sorted(Path(data_dir).glob("*.npz")):
+        if read_format(data_dir, npz.stem) not in FORMATS:
+            return read_format(data_dir, npz.stem)
+    return None
+
+
+def missing_splits(data_dir, splits, task="e2e"):
+    """The E2E splits that data_dir does not hold yet, which train.py and eval.py prepare (downloading their CSVs
+    first). A folder of another task cannot be completed from E2E's files: a split it lacks is a one-line error."""
+    other = holds_task(data_dir) or (task if task != "e2e" else None)
+    if other is None:
+        return [split for split in splits if not is_prepared(data_dir, split)]
+    absent = [split for split in splits if not (Path(data_dir) / f"{split}.npz").is_file()]
+    if absent:
+        command = "data/tasks.py --train ... --dev ..." if other == "prompt_completion" else f"data/{other}/prepare.py"
+        raise UserError(f"{data_dir} has no {absent[0]} split of the {other} task; prepare it first: python {command} "
+                        f"--out {data_dir}")
+    return []
+
+
+def prepare_missing(data_dir, splits, data_format, task="e2e"):
+    """Prepare the E2E splits that data_dir does not hold yet: what train.py and eval.py do before they read it."""
+    missing = missing_splits(data_dir, splits, task)
     if missing:
         prepare(data_dir, splits=missing, data_format=data_format)
 

@@ -15,13 +15,18 @@ The paper reports BLEU on the test set's seen categories (the ten of the trainin
 """
 
 import json
+import sys
 from pathlib import Path
 
-from plumbing.errors import UserError
+if __package__ in (None, ""):  # run as `python data/webnlg/prepare.py`: the project's root, to import the project
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data import tasks  # noqa: E402
+from plumbing.errors import UserError  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/microsoft/LoRA/main/examples/NLG/data/webnlg_challenge_2017/"
 SPLITS = {"train": "train.json", "dev": "dev.json", "test": "test.json"}
 URLS = {split: URL + name for split, name in SPLITS.items()}
+DATA_DIR = Path(__file__).resolve().parent  # where the files are downloaded and prepared by default
 
 # The categories of the training set; the test set adds five unseen ones (Artist, Athlete, CelestialBody,
 # MeanOfTransportation, Politician). The same ten as format_converting_webnlg.py's `seen` list.
@@ -87,3 +92,14 @@ def examples(path):
     """The examples of a WebNLG 2017 file in the plain format: one per good lexicalisation, in file order."""
     return [{"prompt": context(triples), "completion": lex, "category": category}
             for category, triples, good in entries(path) for lex in good]
+
+
+def main(argv=None):
+    description = ("Download the WebNLG challenge 2017 splits (microsoft/LoRA's JSON) and prepare them as prompt -> "
+                   "completion examples for train.py and eval.py: one example per good lexicalisation, references "
+                   "grouped per triple set, categories kept.")
+    tasks.task_main(argv, description, DATA_DIR, SPLITS, URLS, "WebNLG 2017", examples, "webnlg")
+
+
+if __name__ == "__main__":
+    main()
