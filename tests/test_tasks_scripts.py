@@ -136,3 +136,14 @@ def test_an_e2e_adapter_takes_no_triples(tiny_gpt2, tmp_path):
         sample.main(["--adapter", str(adapter), "--triples", "a | b | c", "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"^error: --triples 'a \| b': each triple is 'subject \| property \| "):
         sample.main(["--model", str(tiny_gpt2), "--triples", "a | b", "--device", "cpu"])
+
+
+def test_a_rank_sweep_on_webnlg_reports_bleu_meteor_and_ter(tiny_gpt2, webnlg_data, tmp_path):
+    from tools import sweep
+
+    rows = sweep.main(["ranks", "--ranks", "1", "--out", str(tmp_path), "--data", str(webnlg_data), "--beam", "2",
+                       "--no_meteor", "--", "--preset", "webnlg", "--model", str(tiny_gpt2), "--max_iters", "2",
+                       "--warmup", "1", "--batch_size", "2", "--device", "cpu"])
+    assert set(rows[0]) >= {"BLEU", "METEOR", "TER"} and "NIST" not in rows[0] and rows[0]["TER"] > 0
+    header = (tmp_path / "table.md").read_text().splitlines()[0]
+    assert header == "| setting | targets | rank | trainable | steps | val_loss | BLEU | METEOR | TER |"

@@ -31,8 +31,10 @@ from plumbing.files import atomic_write, read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
 TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
-COLUMNS = ["setting", "targets", "rank", "trainable", "steps", "val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
-PERCENT = {"BLEU", "METEOR", "ROUGE_L"}  # printed x100, as the paper does
+COLUMNS = ["setting", "targets", "rank", "trainable", "steps", "val_loss"]
+# eval.py's scores: E2E's five, or BLEU, METEOR and TER (over all inputs) for WebNLG, DART and your own data
+SCORES = ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "TER"]
+PERCENT = {"BLEU", "METEOR", "ROUGE_L", "TER"}  # printed x100, as the paper does
 
 
 def parse_args(argv=None):
@@ -154,7 +156,8 @@ def sweep(args):
                                        *(["--limit", str(args.eval_limit)] if args.eval_limit else []),
                                        *(["--no_meteor"] if args.no_meteor else [])])
                 result = last_result(run, args.eval_split)
-            row.update(result["scores"])
+            scores = result["scores"] if result.get("task", "e2e") == "e2e" else result["scores"]["all"]
+            row.update({name: scores[name] for name in SCORES if name in scores})
         rows.append(row)
     write_tables(args.out, rows)
     if args.sweep == "targets":
@@ -175,12 +178,13 @@ def cell(column, value):
 
 
 def write_tables(out, rows):
-    """table.md (printed too) and table.csv (full precision, the scorer's units)."""
-    header = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    markdown = header + "".join("| " + " | ".join(cell(c, row.get(c)) for c in COLUMNS) + " |\n" for row in rows)
-    markdown += "\nBLEU, METEOR and ROUGE_L x100 as in the paper; val_loss is the mean dev loss per token.\n"
+    """table.md (printed too) and table.csv (full precision, the scorer's units), with the scores the task has."""
+    columns = COLUMNS + [name for name in SCORES if any(name in row for row in rows)]
+    header = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    markdown = header + "".join("| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |\n" for row in rows)
+    markdown += "\nBLEU, METEOR, ROUGE_L and TER x100 as in the paper; val_loss is the mean dev loss per token.\n"
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     with atomic_write(out / "table.md") as f:
