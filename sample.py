@@ -6,6 +6,7 @@
     python sample.py --adapter out/adapter.safetensors --mr "name[The Vaults], eatType[pub], area[riverside]"
     python sample.py --adapter out/adapter.safetensors --mr "..." --beam 10    # the paper's E2E decoding
     python sample.py --merged out/merged --mr "..." --greedy
+    python sample.py --adapter out/webnlg --triples "Aarhus_Airport | cityServed | Aarhus" --beam 10   # WebNLG, DART
     python sample.py --adapter a.safetensors b.safetensors peft_folder --mr "..." --greedy   # each, in turn
 
 --mr formats an E2E meaning representation exactly as training did (prepare.format_prompt), so an adapter
