@@ -151,6 +151,20 @@ def read_jsonl(path):
     return examples
 
 
+def read_json(path, expected):
+    """The parsed JSON of a task's file; a one-line error for a missing, non-UTF-8 or non-JSON file (such as an XML
+    release), ending with what the file should be."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg}); {expected}") from None
+
+
 def read_lora_lines(path):
     """The examples of a file of "context||completion" lines (the LoRA repository's E2E files)."""
     examples = []

@@ -12,7 +12,6 @@ together (data/tasks.py groups by prompt, as their gpt2_decode.py keys on the co
 is empty is left out (theirs would keep it): there is nothing to learn from or score against.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,22 +33,9 @@ def context(tripleset):
     return " | ".join(f"{subject} : {relation.lower()} : {obj}" for subject, relation, obj in tripleset)
 
 
-def load_json(path):
-    """The parsed JSON of path; a one-line error for a missing, non-UTF-8 or non-JSON file (the XML release)."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg}); {NOT_DART}") from None
-
-
 def entries(path):
     """[(tripleset, texts), ...] of a DART file, in file order, after checking its layout (one-line errors)."""
-    data = load_json(path)
+    data = tasks.read_json(path, NOT_DART)
     if not isinstance(data, list) or not data:
         raise UserError(f"{path}: no list of entries at the top; {NOT_DART}")
     out = []

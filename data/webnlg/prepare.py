@@ -14,7 +14,6 @@ same context are scored together (data/tasks.py groups by prompt, as their gpt2_
 The paper reports BLEU on the test set's seen categories (the ten of the training set), unseen ones and all.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -46,23 +45,10 @@ def context(triples):
     return " | ".join(f"{t['subject']} : {t['property']} : {t['object']}" for t in triples)
 
 
-def load_json(path):
-    """The parsed JSON of path; a one-line error for a missing, non-UTF-8 or non-JSON file (an XML release)."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not JSON ({e.msg}); {NOT_2017}") from None
-
-
 def entries(path):
     """[(category, triples, good lexicalisations), ...] of a WebNLG 2017 file, in file order, after checking its
     layout: anything else (the 2020 release, a file with keys missing) is a one-line error naming the file."""
-    data = load_json(path)
+    data = tasks.read_json(path, NOT_2017)
     items = data.get("entries") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: no list of 'entries' at the top; {NOT_2017}")
