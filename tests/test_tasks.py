@@ -176,7 +176,7 @@ class FakeEncoder:
 def test_an_existing_split_is_kept_unless_forced(tmp_path):
     enc = FakeEncoder()
     tasks.write_split(tmp_path, "dev", enc, [{"prompt": "p", "completion": "old"}])
-    with pytest.raises(ValueError, match=f"{tmp_path} already holds the dev split; pass force=True"):
+    with pytest.raises(ValueError, match=f"{tmp_path} already holds the dev split; pass --force to replace it"):
         tasks.write_split(tmp_path, "dev", enc, [{"prompt": "p", "completion": "new"}])
     assert tasks.load_groups(tmp_path, "dev") == [("p", ["old"], None)]
     tasks.write_split(tmp_path, "dev", enc, [{"prompt": "p", "completion": "new"}], force=True)
