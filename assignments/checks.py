@@ -250,7 +250,8 @@ def lora_training(seed, in_features, out_features, rank, alpha, slices, dropout)
         torch.manual_seed(seed + 1)
         start = layer(x)
         out["train mode, B = 0: output"] = start
-        out["train mode, B = 0: equals the frozen Linear exactly"] = torch.equal(start, base(x))
+        # to float rounding: x @ W.T + b and F.linear may round differently; dropout there moves it by ~0.1-1
+        out["train mode, B = 0: equals the frozen Linear"] = torch.allclose(start, base(x), rtol=1e-6, atol=1e-6)
         for _, update in sorted(layer.lora.items()):
             update.lora_A.copy_(torch.randn(update.lora_A.shape, generator=g) * 0.3)
             update.lora_B.copy_(torch.randn(update.lora_B.shape, generator=g) * 0.3)
@@ -274,10 +275,10 @@ def lora_training(seed, in_features, out_features, rank, alpha, slices, dropout)
         torch.manual_seed(seed + 4)
         merged = layer(x)
         out["merged, train mode: output"] = merged
-        out["merged, train mode: is W x + b (no dropout)"] = torch.equal(merged, F.linear(x, layer.weight,
-                                                                                            layer.bias))
+        out["merged, train mode: is W x + b (no dropout)"] = torch.allclose(
+            merged, F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
         layer.unmerge()
-        out["merge then unmerge: W0 again"] = torch.allclose(layer.weight, w0, rtol=0, atol=1e-6)
+        out["merge then unmerge: W0 again"] = torch.allclose(layer.weight, w0, rtol=0, atol=1e-5)
     return out
 
 
@@ -434,7 +435,7 @@ def forward_in_training(seed, batch, dropout, label_smoothing, **shape):
     config = tiny_config(dropout=dropout, **shape)
     g = generator(seed)
     model = GPT(config)
-    randomize(model, g, 0.05)
+    randomize(model, g, 0.5)  # logits far from uniform, so that label smoothing moves the loss well past 1e-4
     idx = torch.randint(0, config.vocab_size, (batch, 9), generator=g)
     targets = torch.randint(0, config.vocab_size, (batch, 9), generator=g)
     targets[:, :3] = -1  # a prompt
