@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from assignments.cases import CASE_SECONDS, PUBLIC, public_cases  # noqa: F401 (the starter's tests use it)
 
@@ -64,6 +65,31 @@ def loading(seed, dropout=0.0, **shape):
     out["lm_head is wte (tied)"] = model.lm_head.weight is model.transformer.wte.weight
     out["config"] = repr(model.config)
     return out
+
+
+def loading_for_training(seed, dropout, **shape):
+    """GPT.from_pretrained as train.py uses it, with dropout: every Dropout of the loaded model has p = dropout
+    (not only its config), and the model remembers where it came from."""
+    import torch.nn as nn
+
+    from model import GPT, CausalSelfAttention
+    from plumbing import files, hf_checkpoint
+
+    config = tiny_config(**shape)
+    source = GPT(config)
+    randomize(source, generator(seed), 0.05)
+    with tempfile.TemporaryDirectory() as folder:
+        state = {name: t.contiguous() for name, t in hf_checkpoint.hf_state_dict(source.state_dict()).items()}
+        files.save_safetensors(state, Path(folder) / "model.safetensors")
+        (Path(folder) / "config.json").write_text(json.dumps(hf_checkpoint.hf_config(config)))
+        model = GPT.from_pretrained(folder, dropout=dropout)
+        named = model.name_or_path == str(folder)
+    rates = [(name, float(m.p)) for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    rates += [(f"{name}.attn_dropout", float(m.attn_dropout)) for name, m in model.named_modules()
+              if isinstance(m, CausalSelfAttention)]
+    return {"dropout of every module": sorted(rates),
+            "name_or_path is the folder": named,
+            "parameters (the tied head counted once)": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,6 +140,38 @@ def cache_store(seed, batch, n_head, head_size, steps):
         out[f"step {i}: keys"], out[f"step {i}: values"] = keys.clone(), values.clone()
         cache.length += n
     out["buffers k"], out["buffers v"] = cache.k, cache.v
+    return out
+
+
+def attention_training(seed, batch, n_head, n_embd, T, dropout):
+    """Attention dropout as training uses it: off in eval mode (the output is the dropout-free one, with and
+    without a cache), on the attention weights in training mode. The random state is fixed right before the
+    training call, so the dropout masks, and so the numbers, are the same for every correct solution."""
+    from model import CausalSelfAttention, KVCache
+
+    config = tiny_config(block_size=T + 1, n_head=n_head, n_embd=n_embd, dropout=dropout)
+    g = generator(seed)
+    attn = CausalSelfAttention(config)
+    randomize(attn, g, 0.3)
+    x = torch.randn(batch, T, n_embd, generator=g)
+    out = {}
+    attn.eval()
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        out["eval mode: output"] = attn(x)
+        cache = KVCache(config, batch, T, "cpu", torch.float32)
+        cut = T // 2
+        first = attn(x[:, :cut], cache, 0)
+        cache.length = cut
+        out["eval mode, cached: output"] = torch.cat([first, attn(x[:, cut:], cache, 0)], dim=1)
+    attn.train()
+    x.requires_grad_(True)
+    torch.manual_seed(seed)
+    y = attn(x)
+    (y ** 2).mean().backward()
+    out["train mode: output"] = y.detach()
+    out["train mode: gradient wrt x"] = x.grad
+    out["train mode: gradient wrt c_attn.weight"] = attn.c_attn.weight.grad
     return out
 
 
@@ -170,6 +228,60 @@ def lora_layer(seed, in_features, out_features, rank, alpha, slices, rslora=Fals
     return out
 
 
+def lora_training(seed, in_features, out_features, rank, alpha, slices, dropout):
+    """A LoRALinear with dropout as training uses it: dropout acts on the LoRA branch's input only, in training
+    only, so at the start (B = 0) the layer is the frozen Linear exactly, in train mode too; the gradient
+    reaches A, B and x, never W0 or b; a merged layer is W x + b in train mode too. The random state is fixed
+    right before each training-mode call, so the dropout masks are the same for every correct solution."""
+    import torch.nn as nn
+
+    import lora
+
+    g = generator(seed)
+    base = nn.Linear(in_features, out_features)
+    randomize(base, g, 0.5)
+    base.requires_grad_(False)
+    x = torch.randn(3, 5, in_features, generator=g)
+    torch.manual_seed(seed)
+    config = lora.LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
+    layer = lora.LoRALinear(base, {name: tuple(s) for name, s in slices.items()}, config).train()
+    out = {}
+    with torch.no_grad():
+        torch.manual_seed(seed + 1)
+        start = layer(x)
+        out["train mode, B = 0: output"] = start
+        # to float rounding: x @ W.T + b and F.linear may round differently; dropout there moves it by ~0.1-1
+        out["train mode, B = 0: equals the frozen Linear"] = torch.allclose(start, base(x), rtol=1e-6, atol=1e-6)
+        for _, update in sorted(layer.lora.items()):
+            update.lora_A.copy_(torch.randn(update.lora_A.shape, generator=g) * 0.3)
+            update.lora_B.copy_(torch.randn(update.lora_B.shape, generator=g) * 0.3)
+        layer.eval()
+        torch.manual_seed(seed + 2)
+        out["eval mode: output (no dropout)"] = layer(x)
+    layer.train()
+    x.requires_grad_(True)
+    torch.manual_seed(seed + 3)
+    y = layer(x)
+    (y ** 2).mean().backward()
+    out["train mode: output"] = y.detach()
+    out["train mode: gradient wrt x"] = x.grad
+    for name, update in sorted(layer.lora.items()):
+        out[f"{name}: train mode: gradient of A"] = update.lora_A.grad
+        out[f"{name}: train mode: gradient of B"] = update.lora_B.grad
+    out["W0 and b get no gradient"] = layer.weight.grad is None and layer.bias.grad is None
+    with torch.no_grad():
+        w0 = layer.weight.clone()
+        layer.merge()
+        torch.manual_seed(seed + 4)
+        merged = layer(x)
+        out["merged, train mode: output"] = merged
+        out["merged, train mode: is W x + b (no dropout)"] = torch.allclose(
+            merged, F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+        layer.unmerge()
+        out["merge then unmerge: W0 again"] = torch.allclose(layer.weight, w0, rtol=0, atol=1e-5)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Part 3: apply_lora
 
@@ -213,6 +325,32 @@ def table5(n_layer=96, n_embd=12288, n_head=96):
         apply_lora(model, LoRAConfig(rank=rank, targets=targets))
         per_layer = sum(p.numel() for p in model.parameters() if p.requires_grad)
         out[f"{','.join(targets)} r={rank}: trainable in {n_layer} layers"] = per_layer * n_layer
+    return out
+
+
+def placement_in_use(seed, rank, alpha, dropout, targets, dtype, **shape):
+    """apply_lora on a model in another dtype, as train.py and the scripts use it: A and B in the base weights'
+    dtype, every layer with the same config, the base weights untouched, and a second apply_lora refused."""
+    from lora import LoRAConfig, LoRALinear, apply_lora
+    from model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(**shape)).to(getattr(torch, dtype))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=tuple(targets))
+    apply_lora(model, config)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    out = {"dtypes of A and B": sorted({str(p.dtype) for name, p in model.named_parameters() if ".lora." in name}),
+           "every LoRALinear keeps the config": bool(layers) and all(m.config == config for m in layers),
+           "LoRA dropout of every layer": [float(m.dropout.p) for m in layers],
+           "base weights unchanged": all(torch.equal(p, before[name]) for name, p in model.named_parameters()
+                                         if name in before)}
+    try:
+        apply_lora(model, config)
+        out["a second apply_lora raises ValueError"] = False
+    except ValueError:
+        out["a second apply_lora raises ValueError"] = True
+    out["LoRALinear count after the refusal"] = sum(isinstance(m, LoRALinear) for m in model.modules())
     return out
 
 
@@ -288,6 +426,46 @@ def forward_and_step(seed, batch, label_smoothing, n_examples=6, **shape):
     return out
 
 
+def forward_in_training(seed, batch, dropout, label_smoothing, **shape):
+    """GPT.forward as training uses it: with dropout and label smoothing in train mode (the random state fixed
+    right before the call, so the masks are the same for every correct solution), dropout off in eval mode,
+    and a cache that would run past block_size refused before anything is written."""
+    from model import GPT
+
+    config = tiny_config(dropout=dropout, **shape)
+    g = generator(seed)
+    model = GPT(config)
+    randomize(model, g, 0.5)  # logits far from uniform, so that label smoothing moves the loss well past 1e-4
+    idx = torch.randint(0, config.vocab_size, (batch, 9), generator=g)
+    targets = torch.randint(0, config.vocab_size, (batch, 9), generator=g)
+    targets[:, :3] = -1  # a prompt
+    targets[0, 7:] = -1  # padding
+    out = {}
+    model.eval()
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        out["eval mode: loss (no dropout)"] = model(idx, targets, label_smoothing=label_smoothing)[1]
+    model.train()
+    torch.manual_seed(seed)
+    logits, loss = model(idx, targets, label_smoothing=label_smoothing)
+    loss.backward()
+    out["train mode: logits"], out["train mode: loss"] = logits.detach(), loss.detach()
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.weight"):
+        out[f"train mode: gradient of {name}"] = model.get_parameter(name).grad
+    model.eval()
+    with torch.no_grad():
+        cache = model.new_cache(1, config.block_size)
+        model(idx[:1, :1].repeat(1, config.block_size - 1), cache=cache)
+        try:
+            model(idx[:1, :2], cache=cache)
+            out["past + T > block_size raises ValueError"] = False
+        except ValueError:
+            out["past + T > block_size raises ValueError"] = True
+        out["cache.length after the refusal"] = cache.length
+        out["the last position still fits: logits"] = model(idx[:1, :1], cache=cache)[0]
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Part 5: subspace_similarity and projection_norms
 
@@ -321,8 +499,34 @@ def amplification(seed, out_features, in_features, r):
     return out
 
 
-CHECKS = {f.__name__: f for f in (loading, attention, cache_store, lora_layer, placement, table5, batching,
-                                  forward_and_step, similarity, amplification)}
+def analysis_contract(seed, d, r1, r2):
+    """What the analysis functions promise besides their values: subspace_similarity refuses i or j outside
+    1..r (ValueError) rather than slicing fewer directions than asked; projection_norms draws its random
+    reference from `seed` (the same seed: the same number; another seed: another number)."""
+    from lora_analysis import projection_norms, subspace_similarity
+
+    g = generator(seed)
+    A1, A2 = torch.randn(r1, d, generator=g), torch.randn(r2, d, generator=g)
+    out = {}
+    for i, j in ((0, 1), (1, 0), (r1 + 1, 1), (1, r2 + 1)):
+        try:
+            subspace_similarity(A1, A2, i, j)
+            out[f"phi(i={i}, j={j}) raises ValueError"] = False
+        except ValueError:
+            out[f"phi(i={i}, j={j}) raises ValueError"] = True
+    out["phi(i=r1, j=r2)"] = subspace_similarity(A1, A2, r1, r2)
+    W = torch.randn(d, d + 2, generator=g)
+    delta = torch.randn(d, 2, generator=g) @ torch.randn(2, d + 2, generator=g)
+    first, again, other = (projection_norms(delta, W, 2, seed=s)["random"] for s in (seed, seed, seed + 1))
+    out["norms['random']: the same seed gives the same number"] = first == again
+    out["norms['random']: another seed gives another number"] = abs(first - other) > 1e-9
+    return out
+
+
+CHECKS = {f.__name__: f for f in (loading, loading_for_training, attention, cache_store, attention_training,
+                                  lora_layer, lora_training, placement, table5, placement_in_use, batching,
+                                  forward_and_step, forward_in_training, similarity, amplification,
+                                  analysis_contract)}
 
 # ----------------------------------------------------------------------------------------------------------
 # Running a case and comparing its numbers.

@@ -14,23 +14,97 @@ from pathlib import Path
 import pytest
 
 from assignments import splice
+from assignments.cases import PUBLIC
 from assignments.grade import gradescope
 from assignments.parts import AUTOGRADED, PARTS, part_files, product_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> (file, text in the project, text that plants the bug, the part that must lose its points)
+# name -> (file, [(text in the project, text that plants the bug), ...], the part that must lose its points,
+#          the case that must catch it)
 BUGS = {
-    "scale alpha, not alpha / r": ("lora.py", "else alpha / rank", "else alpha", 2),
-    "B starts random, not zero": ("lora.py", "self.lora_B = nn.Parameter(torch.zeros(out_features, rank))",
-                                  "self.lora_B = nn.Parameter(torch.randn(out_features, rank))", 2),
-    "the prompt is not masked": ("data/e2e/batches.py", "y[b, :split.prompt_lens[i] - 1] = -1",
-                                 "y[b, :0] = -1", 4),
-    "the causal mask is off by one": ("model.py", ".tril(diagonal=past)", ".tril(diagonal=past + 1)", 1),
-    "Conv1D weights not transposed": ("model.py", "tensor.t() if name.endswith(hf_checkpoint.CONV1D_WEIGHTS)",
-                                      "tensor if name.endswith(hf_checkpoint.CONV1D_WEIGHTS)", 0),
-    "phi divided by max(i, j)": ("lora_analysis.py", "** 2 / min(i, j))", "** 2 / max(i, j))", 5),
+    # part 0
+    "Conv1D weights not transposed": ("model.py", [("tensor.t() if name.endswith(hf_checkpoint.CONV1D_WEIGHTS)",
+                                                    "tensor if name.endswith(hf_checkpoint.CONV1D_WEIGHTS)")], 0,
+                                      "part0 load a 2-layer checkpoint"),
+    "dropout in the config, not in the modules": ("model.py", [
+        ("model = cls(GPTConfig(**shape, dropout=dropout))", "model = cls(GPTConfig(**shape))"),
+        ("model.name_or_path = str(name_or_path)", "model.name_or_path = str(name_or_path)\n"
+                                                   "        model.config.dropout = dropout")], 0,
+        "part0 load for training: dropout in every module"),
+    # part 1
+    "the causal mask is off by one": ("model.py", [(".tril(diagonal=past)", ".tril(diagonal=past + 1)")], 1,
+                                      "part1 attention, prompt 4 then chunks 3, 1"),
+    "attention dropout in eval mode too": ("model.py", [("dropout = self.attn_dropout if self.training else 0.0",
+                                                         "dropout = self.attn_dropout")], 1,
+                                           "part1 attention dropout: eval mode off, train mode on the weights"),
+    # part 2
+    "scale alpha, not alpha / r": ("lora.py", [("else alpha / rank", "else alpha")], 2, "part2 LoRALinear on q and v"),
+    "B starts random, not zero": ("lora.py", [("self.lora_B = nn.Parameter(torch.zeros(out_features, rank))",
+                                               "self.lora_B = nn.Parameter(torch.randn(out_features, rank))")], 2,
+                                  "part2 LoRALinear on q and v"),
+    "LoRA dropout on the frozen path too": ("lora.py", [(
+        "        h = F.linear(x, self.weight, self.bias)\n        if self.merged:\n            return h\n"
+        "        x = self.dropout(x)\n",
+        "        x = self.dropout(x)\n        h = F.linear(x, self.weight, self.bias)\n        if self.merged:\n"
+        "            return h\n")], 2, "part2 LoRALinear in train mode, dropout 0.1"),
+    "LoRA dropout in eval mode too": ("lora.py", [("x = self.dropout(x)", "x = F.dropout(x, self.config.dropout)")], 2,
+                                      "part2 LoRALinear in train mode, dropout 0.1"),
+    "LoRA dropout on the update, not its input": ("lora.py", [
+        ("        x = self.dropout(x)\n", ""),
+        ("delta = self.scale * F.linear(F.linear(x, update.lora_A), update.lora_B)",
+         "delta = self.dropout(self.scale * F.linear(F.linear(x, update.lora_A), update.lora_B))")], 2,
+        "part2 LoRALinear in train mode, dropout 0.1"),
+    # part 3
+    "A and B left in fp32 on another dtype": ("lora.py", [
+        ("    model.to(device=p.device, dtype=p.dtype)  # A and B where and as the base weights are\n", "")], 3,
+        "part3 apply_lora on a float64 model, twice"),
+    "a second apply_lora is not refused": ("lora.py", [(
+        "    if lora_layers(model):\n        c = config_of(model)\n        raise UserError(f\"this model already has "
+        "LoRA layers (rank {c.rank}, targets {list(c.targets)})\")\n", "")], 3,
+        "part3 apply_lora on a float64 model, twice"),
+    # part 4
+    "the prompt is not masked": ("data/e2e/batches.py", [("y[b, :split.prompt_lens[i] - 1] = -1", "y[b, :0] = -1")],
+                                 4, "part4 make_batch"),
+    "the last prompt token's target masked too": ("data/e2e/batches.py", [(
+        "y[b, :split.prompt_lens[i] - 1] = -1", "y[b, :split.prompt_lens[i]] = -1")], 4, "part4 make_batch"),
+    "no dropout on the embeddings": ("model.py", [(
+        "x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))",
+        "x = self.transformer.wte(idx) + self.transformer.wpe(pos)")], 4,
+        "part4 forward in train mode: dropout, label smoothing; a full cache"),
+    "label smoothing ignored": ("model.py", [(
+        "targets[keep], label_smoothing=label_smoothing)", "targets[keep])")], 4,
+        "part4 forward in train mode: dropout, label smoothing; a full cache"),
+    "the cache's past not counted against block_size": ("model.py", [(
+        "if past + T > self.config.block_size:", "if T > self.config.block_size:")], 4,
+        "part4 forward in train mode: dropout, label smoothing; a full cache"),
+    # part 5
+    "phi divided by max(i, j)": ("lora_analysis.py", [("** 2 / min(i, j))", "** 2 / max(i, j))")], 5,
+                                 "part5 subspace similarity"),
+    "i, j out of range not refused": ("lora_analysis.py", [(
+        "    if not (1 <= i <= U1.shape[1] and 1 <= j <= U2.shape[1]):\n        raise ValueError(f\"need 1 <= i <= "
+        "{U1.shape[1]} and 1 <= j <= {U2.shape[1]}, got i={i}, j={j}\")\n", "")], 5,
+        "part5 i, j out of range; the random reference's seed"),
+    "the random reference ignores seed": ("lora_analysis.py", [(
+        "    g = torch.Generator().manual_seed(seed)\n    random = torch.randn",
+        "    g = torch.Generator().manual_seed(0)\n    random = torch.randn")], 5,
+        "part5 i, j out of range; the random reference's seed"),
 }
+
+
+def bug_copies():
+    """The planted bugs, packed: copy k holds the k-th bug of every part. A part is graded with only its own
+    functions taken from the copy (the other parts' are the instructor's), so bugs of different parts in one
+    copy are graded as if each were alone; one copy per bug would only make the run longer."""
+    copies, seen = {}, {}
+    for name, (_, _, part, _) in BUGS.items():
+        k = seen[part] = seen.get(part, -1) + 1
+        copies.setdefault(f"planted bugs #{k}", []).append(name)
+    return copies
+
+
+COPIES = bug_copies()
+COPY_OF = {bug: copy for copy, bugs in COPIES.items() for bug in bugs}
 
 # A correct solution written another way: einsum instead of matmul, other loop orders, other helpers.
 ALTERNATIVE = {
@@ -146,6 +220,8 @@ def scale(alpha, rank, rslora=False):
 ''',
         "apply_lora": '''
 def apply_lora(model, config=LoRAConfig()):
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("LoRA is on this model already")
     chosen = [t for t in TARGETS if t in set(config.targets)]
     model.requires_grad_(False)
     C = model.config.n_embd
@@ -160,6 +236,9 @@ def apply_lora(model, config=LoRAConfig()):
         qkv = {t: slices[t] for t in ("q", "k", "v") if t in chosen}
         if qkv:
             block.attn.c_attn = LoRALinear(block.attn.c_attn, qkv, config)
+    for update in model.modules():
+        if isinstance(update, LoRAUpdate):
+            update.to(model.lm_head.weight.dtype)
     return model
 ''',
     },
@@ -187,6 +266,8 @@ def make_batch(split, indices, pad_to=1):
 def subspace_similarity(A1, A2, i, j):
     _, _, vh1 = np.linalg.svd(np.asarray(A1, dtype=np.float64), full_matrices=False)
     _, _, vh2 = np.linalg.svd(np.asarray(A2, dtype=np.float64), full_matrices=False)
+    if i < 1 or j < 1 or i > len(vh1) or j > len(vh2):
+        raise ValueError("i or j out of range")
     overlap = np.einsum("kd,ld->kl", vh1[:i], vh2[:j])
     return float((overlap ** 2).sum() / min(i, j))
 ''',
@@ -224,6 +305,12 @@ def edit(repo, file, old, new):
     (repo / file).write_text(text.replace(old, new))
 
 
+def plant(repo, bug):
+    file, edits, _, _ = BUGS[bug]
+    for old, new in edits:
+        edit(repo, file, old, new)
+
+
 def with_functions(repo, functions):
     """repo with whole functions replaced, {file: {qualname: source}}, reindented as the project's are."""
     for file, texts in functions.items():
@@ -240,9 +327,10 @@ def graded(tmp_path_factory):
                           capture_output=True, text=True, timeout=120)
     assert make.returncode == 0, make.stderr
     repos = {"project": ROOT, "starter": tmp / "starter"}
-    for name, (file, old, new, _) in BUGS.items():
-        repos[name] = copy_project(tmp / f"bug{len(repos)}")
-        edit(repos[name], file, old, new)
+    for copy, bugs in COPIES.items():
+        repos[copy] = copy_project(tmp / f"bugs{len(repos)}")
+        for bug in bugs:
+            plant(repos[copy], bug)
     repos["alternative"] = with_functions(copy_project(tmp / "alternative"), ALTERNATIVE)
     repos["syntax error in lora.py"] = copy_project(tmp / "syntax")
     edit(repos["syntax error in lora.py"], "lora.py", "def lora_layers(model):", "def lora_layers(model)")
@@ -283,13 +371,16 @@ def test_the_starter_scores_zero_and_its_public_tests_run_to_the_end(graded):
         assert all("NotImplementedError" in case["output"] for case in part["cases"].values()), part
     returncode, output = graded["public"]
     n_public = sum(1 for line in output.splitlines() if line.startswith("FAILED"))
-    assert returncode == 1 and n_public == 12 and "passed" not in output, output
+    assert returncode == 1 and n_public == len(PUBLIC) and "passed" not in output, output
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_a_planted_bug_loses_exactly_its_part(graded, bug):
-    lost = BUGS[bug][3]
-    assert scores(graded["reports"][bug]) == {**FULL, lost: 0}
+    _, _, lost, case = BUGS[bug]
+    report = graded["reports"][COPY_OF[bug]]
+    packed = {BUGS[other][2] for other in COPIES[COPY_OF[bug]]}  # one bug per part in each copy
+    assert scores(report) == {**FULL, **{n: 0 for n in packed}}
+    assert not report["parts"][lost]["cases"][case]["passed"], report["parts"][lost]["cases"]
 
 
 def test_a_correct_solution_written_differently_scores_full_marks(graded):
@@ -313,10 +404,12 @@ def test_an_endless_loop_costs_only_its_part(graded):
 
 
 def test_gradescope_results_have_gradescopes_schema(graded):
-    results = gradescope(graded["reports"]["the causal mask is off by one"])
-    assert results["score"] == sum(FULL.values()) - FULL[1]
+    copy = COPY_OF["the causal mask is off by one"]
+    lost = {BUGS[bug][2] for bug in COPIES[copy]}
+    results = gradescope(graded["reports"][copy])
+    assert results["score"] == sum(p for n, p in FULL.items() if n not in lost)
     assert {"name", "score", "max_score", "output"} <= set(results["tests"][0])
-    assert [t["score"] for t in results["tests"][:len(PARTS)]] == [0 if n == 1 else p for n, p in FULL.items()]
+    assert [t["score"] for t in results["tests"][:len(PARTS)]] == [0 if n in lost else p for n, p in FULL.items()]
     json.dumps(results)
 
 
