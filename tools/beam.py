@@ -115,11 +115,10 @@ def beam_search_batch(model, prompts, beam=10, max_new_tokens=64, length_penalty
         logits = model(step_input, cache=cache)[0][:, -1, :].float()  # (rows, vocab): next-token logits
         if no_repeat_ngram > 0:  # rules 3 and 4: ban on the logits, so the softmax renormalises the others
             ban_repeated_ngrams(logits, generated, no_repeat_ngram)
-        log_probs = F.log_softmax(logits, dim=-1)
-        top_scores, top_keys = best_candidates(scores[:, None] + log_probs, owner, n_prompts, beam)
+        top_scores, top_keys = best_candidates(logits, scores, owner, n_prompts, beam)
 
         parents, tokens, next_scores, next_owner = [], [], [], []
-        vocab = log_probs.size(-1)
+        vocab = logits.size(-1)
         first_row = first_rows(owner, n_prompts).tolist()
         for p, (prompt_scores, prompt_keys) in enumerate(zip(top_scores.tolist(), top_keys.tolist(), strict=True)):
             for score, key in zip(prompt_scores, prompt_keys, strict=True):
@@ -163,29 +162,31 @@ def first_rows(owner, n_prompts):
     return counts.cumsum(0) - counts
 
 
-def best_candidates(candidates, owner, n_prompts, beam):
+def best_candidates(logits, scores, owner, n_prompts, beam):
     """Rule 5 for every prompt at once: the `beam` best candidates over all of its rows.
 
-    candidates (rows, vocab) are the summed log-probabilities of row h followed by token t. Returns (scores,
-    keys), both (n_prompts, beam), best first; key = slot * vocab + t, slot the row's rank within its prompt
-    (as one prompt's candidates are numbered alone). A prompt with fewer candidates is padded with -inf.
-    Equal scores come in key order (the higher-ranked hypothesis first).
+    Candidate (row h, token t) scores scores[h] + log_softmax(logits[h])[t]. Returns (scores, keys), both
+    (n_prompts, beam), best first; key = slot * vocab + t, slot the row's rank within its prompt (as one prompt's
+    candidates are numbered alone). A prompt with fewer candidates is padded with -inf. Equal scores come in
+    key order (the higher-ranked hypothesis first).
     """
-    rows, vocab = candidates.shape
+    rows, vocab = logits.shape
     k = min(beam, vocab)
-    # A row's own k best hold every one of its candidates that can be among its prompt's k best: select there
-    # first (rows x k), then among the prompt's rows (beam x k), instead of over beam x vocab at once.
-    row_scores, row_tokens = candidates.topk(k, dim=-1)
-    slot = torch.arange(rows, device=candidates.device) - first_rows(owner, n_prompts)[owner]
-    scores = candidates.new_full((n_prompts, beam, k), float("-inf"))
-    keys = torch.full((n_prompts, beam, k), beam * vocab, dtype=torch.long, device=candidates.device)
-    scores[owner, slot] = row_scores
+    # A row's own k best hold every one of its candidates that can be among its prompt's k best, and adding the
+    # row's score keeps their order: so select within each row first (rows x k, before the sum over rows x vocab),
+    # then among the prompt's rows (beam x k).
+    top_log_probs, row_tokens = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    row_scores = scores[:, None] + top_log_probs
+    slot = torch.arange(rows, device=logits.device) - first_rows(owner, n_prompts)[owner]
+    padded = logits.new_full((n_prompts, beam, k), float("-inf"))
+    keys = torch.full((n_prompts, beam, k), beam * vocab, dtype=torch.long, device=logits.device)
+    padded[owner, slot] = row_scores
     keys[owner, slot] = slot[:, None] * vocab + row_tokens
-    scores, keys = scores.view(n_prompts, -1), keys.view(n_prompts, -1)
+    padded, keys = padded.view(n_prompts, -1), keys.view(n_prompts, -1)
     by_key = keys.argsort(dim=1, stable=True)  # key order first, so the stable sort by score keeps it on ties
-    scores, keys = scores.gather(1, by_key), keys.gather(1, by_key)
-    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :beam]
-    return scores.gather(1, order), keys.gather(1, order)
+    padded, keys = padded.gather(1, by_key), keys.gather(1, by_key)
+    order = padded.sort(dim=1, descending=True, stable=True).indices[:, :beam]
+    return padded.gather(1, order), keys.gather(1, order)
 
 
 def ban_repeated_ngrams(logits, generated, n):
