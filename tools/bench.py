@@ -1,6 +1,6 @@
 """Speed and memory of lora-gpt against transformers + PEFT, side by side, in one run on the same weights.
 
-    python -m tools.bench                          # sections 1-4 on CPU (under 10 minutes on 2 cores)
+    python -m tools.bench                          # sections 1-4 and 6 on CPU
     python -m tools.bench --quick                  # fewer repeats and 16 new tokens: a smoke test
     python -m tools.bench --sections 1 3           # some sections only
     python -m tools.bench --device cuda --compile  # on a GPU: bf16 autocast, plus section 5 (MFU, E2E epoch time)
@@ -8,7 +8,10 @@
 Sections: 1. a LoRA training step (ours vs GPT2LMHeadModel + PEFT LoRA): tokens/s and peak memory;
 2. peak memory of LoRA vs full fine-tuning on the GPT-2 medium shape; 3. greedy generation (our KV cache vs our
 no-cache path vs transformers' generate); 4. forward latency of the base vs merged vs unmerged LoRA model;
-5. (CUDA, or any device given --peak_tflops) MFU and an E2E epoch-time estimate for GPT-2 medium.
+5. (CUDA, or any device given --peak_tflops) MFU and an E2E epoch-time estimate for GPT-2 medium; 6. beam search
+over 64 E2E test MRs (eval.py's batched decoding vs one MR at a time vs transformers' beam generate), tiny model.
+Section 3 also measures the memory-read bandwidth and the batch-1 fraction of its limit, and times the opt-in
+layout of tools/fast_decode.py beside the plain cache.
 
 How it measures, so that the ratios mean something:
   - the same weights: a random transformers GPT2LMHeadModel (dropout 0) is saved to a temporary folder and both
