@@ -74,72 +74,154 @@ def beam_search(model, prompt, beam=10, max_new_tokens=64, length_penalty=0.8, n
     "<|endoftext|>" or "\\n\\n" (gpt2_decode.py), which also catches "\\n\\n" made of two tokens: that is a text
     step for the caller, not a rule of the search.
 
+    Between equal candidates the one of the higher-ranked hypothesis, then the smaller token, comes first (theirs
+    leaves it to topk); with rule 6's strict ">" an earlier equal finished hypothesis therefore stays.
+
     max_new_tokens is capped at block_size - len(prompt). use_cache=True runs the prompt once and then one
     token per beam per step on the KV cache (the beams are the batch); use_cache=False reruns every whole
-    sequence at every step (the slow, obvious way, kept to check the cache against).
+    sequence at every step (the slow, obvious way, kept to check the cache against). This is
+    beam_search_batch with one prompt.
     """
-    prompt = [int(token) for token in prompt]
-    block_size = model.config.block_size
-    if not 0 < len(prompt) < block_size:
-        raise UserError(f"the prompt has {len(prompt)} tokens; beam search needs 1 to {block_size - 1} "
+    return beam_search_batch(model, [prompt], beam, max_new_tokens, length_penalty, no_repeat_ngram, eos_tokens,
+                             use_cache)[0]
+
+
+@torch.no_grad()
+def beam_search_batch(model, prompts, beam=10, max_new_tokens=64, length_penalty=0.8, no_repeat_ngram=4,
+                      eos_tokens=(EOT, NEWLINES), use_cache=True):
+    """beam_search on several prompts of the same number of tokens at once: a list of answers, in order.
+
+    Every live hypothesis of every prompt runs in the same forward, one per step, but each prompt keeps its own
+    beams, ranking and best finished hypothesis, so each answer is the one beam_search gives that prompt alone.
+    length_groups splits prompts of different lengths into such batches.
+    """
+    prompts = [[int(token) for token in prompt] for prompt in prompts]
+    if not prompts:
+        return []
+    length, block_size = len(prompts[0]), model.config.block_size
+    if any(len(prompt) != length for prompt in prompts):
+        raise UserError("beam_search_batch needs prompts of the same number of tokens (see length_groups)")
+    if not 0 < length < block_size:
+        raise UserError(f"the prompt has {length} tokens; beam search needs 1 to {block_size - 1} "
                          f"(the model's block_size is {block_size})")
     if beam < 1:
         raise UserError(f"beam must be at least 1, got {beam}")
-    max_new_tokens = min(max_new_tokens, block_size - len(prompt))
+    max_new_tokens = min(max_new_tokens, block_size - length)
     if max_new_tokens < 1:
-        return []
+        return [[] for _ in prompts]
     ends = {int(token) for token in eos_tokens}
     device = model.transformer.wte.weight.device
-    # The last step's token is never run, so prompt + max_new_tokens - 1 positions would do; one more is harmless.
-    cache = model.new_cache(1, len(prompt) + max_new_tokens) if use_cache else None
+    n_prompts = len(prompts)
+    # One row per hypothesis: at most `beam` per prompt. The last step's token is never run, so
+    # length + max_new_tokens - 1 positions would do; one more is harmless.
+    cache = model.new_cache(n_prompts * beam, length + max_new_tokens) if use_cache else None
+    prompt_rows = torch.tensor(prompts, device=device)
 
-    live = [[]]  # the new tokens of each live hypothesis (the prompt is shared, so it is not repeated here)
-    scores = torch.zeros(1, device=device)  # summed log-probability of each live hypothesis
-    best_score, best = float("-inf"), []
-    step_input = torch.tensor([prompt], device=device)  # the first step reads the prompt, once (rule 2)
-    for _ in range(max_new_tokens):
-        logits = model(step_input, cache=cache)[0][:, -1, :].float()  # (live, vocab): next-token logits
+    # The live hypotheses of all prompts are the rows, grouped by prompt, best first within a prompt.
+    owner = torch.arange(n_prompts, device=device)  # the prompt each row belongs to
+    generated = torch.zeros(n_prompts, 0, dtype=torch.long, device=device)  # each row's new tokens
+    scores = torch.zeros(n_prompts, device=device)  # summed log-probability of each row
+    best_score, best = [float("-inf")] * n_prompts, [[] for _ in prompts]
+    step_input = prompt_rows  # the first step reads each prompt, once (rule 2)
+    for step in range(max_new_tokens):
+        logits = model(step_input, cache=cache)[0][:, -1, :].float()  # (rows, vocab): next-token logits
         if no_repeat_ngram > 0:  # rules 3 and 4: ban on the logits, so the softmax renormalises the others
-            for row, tokens in enumerate(live):
-                banned = repeated_ngram_bans(tokens, no_repeat_ngram)
-                if banned:
-                    logits[row, sorted(banned)] = float("-inf")
-        log_probs = F.log_softmax(logits, dim=-1)
+            ban_repeated_ngrams(logits, generated, no_repeat_ngram)
+        top_scores, top_keys = best_candidates(logits, scores, owner, n_prompts, beam)
 
-        # Rule 5: candidate (hypothesis h, token t) sits at h * vocab + t; the `beam` best, best first.
-        vocab = log_probs.size(-1)
-        candidates = (scores[:, None] + log_probs).view(-1)
-        top_scores, top_index = candidates.topk(min(beam, candidates.numel()))
-        next_live, next_scores, parents = [], [], []
-        for score, index in zip(top_scores.tolist(), top_index.tolist(), strict=True):
-            if score == float("-inf"):
-                break  # only banned or impossible tokens are left
-            parent, token = divmod(index, vocab)
-            tokens = live[parent] + [token]
-            if token in ends:  # rules 1 and 6: finished, it takes this slot; kept if strictly the best so far
-                normalized = score / len(tokens) ** length_penalty
-                if normalized > best_score:
-                    best_score, best = normalized, tokens[:-1]
-            else:
-                next_live.append(tokens)
-                next_scores.append(score)
-                parents.append(parent)
-        if not next_live:
-            return best  # every slot finished: no later step could change the answer
-        live, scores = next_live, torch.tensor(next_scores, device=device)
+        parents, tokens, next_scores, next_owner = [], [], [], []
+        vocab = logits.size(-1)
+        first_row = first_rows(owner, n_prompts).tolist()
+        for p, (prompt_scores, prompt_keys) in enumerate(zip(top_scores.tolist(), top_keys.tolist(), strict=True)):
+            for score, key in zip(prompt_scores, prompt_keys, strict=True):
+                if score == float("-inf"):
+                    break  # only banned or impossible tokens are left (or this prompt has no live hypothesis)
+                slot, token = divmod(key, vocab)
+                parent = first_row[p] + slot
+                if token in ends:  # rules 1 and 6: finished, it takes this slot; kept if strictly the best so far
+                    normalized = score / (step + 1) ** length_penalty
+                    if normalized > best_score[p]:
+                        best_score[p], best[p] = normalized, generated[parent].tolist()
+                else:
+                    parents.append(parent)
+                    tokens.append(token)
+                    next_scores.append(score)
+                    next_owner.append(p)
+        if not parents:
+            return best  # every slot of every prompt finished: no later step could change an answer
+        parents = torch.tensor(parents, device=device)
+        new_tokens = torch.tensor(tokens, device=device)[:, None]
+        generated = torch.cat([generated[parents], new_tokens], dim=1)
+        scores, owner = torch.tensor(next_scores, device=device), torch.tensor(next_owner, device=device)
 
         if cache is not None:  # each surviving hypothesis takes its parent's past, then runs its new token only
-            cache.reorder(torch.tensor(parents, device=device))
-            step_input = torch.tensor([[tokens[-1]] for tokens in live], device=device)
+            cache.reorder(parents)
+            step_input = new_tokens
         else:
-            step_input = torch.tensor([prompt + tokens for tokens in live], device=device)
+            step_input = torch.cat([prompt_rows[owner], generated], dim=1)
 
     # Rule 7: after the last step the live hypotheses (all max_new_tokens long, no end token) compete too.
-    for tokens, score in zip(live, scores.tolist(), strict=True):
-        normalized = score / len(tokens) ** length_penalty
-        if normalized > best_score:
-            best_score, best = normalized, tokens
+    normalized = (scores / generated.size(1) ** length_penalty).tolist()
+    for p, score, row in zip(owner.tolist(), normalized, generated.tolist(), strict=True):
+        if score > best_score[p]:
+            best_score[p], best[p] = score, row
     return best
+
+
+def first_rows(owner, n_prompts):
+    """The first row of each prompt's block of rows (rows are grouped by prompt; owner names each row's)."""
+    counts = torch.bincount(owner, minlength=n_prompts)
+    return counts.cumsum(0) - counts
+
+
+def best_candidates(logits, scores, owner, n_prompts, beam):
+    """Rule 5 for every prompt at once: the `beam` best candidates over all of its rows.
+
+    Candidate (row h, token t) scores scores[h] + log_softmax(logits[h])[t]. Returns (scores, keys), both
+    (n_prompts, beam), best first; key = slot * vocab + t, slot the row's rank within its prompt (as one prompt's
+    candidates are numbered alone). A prompt with fewer candidates is padded with -inf. Equal scores come in
+    key order (the higher-ranked hypothesis first).
+    """
+    rows, vocab = logits.shape
+    k = min(beam, vocab)
+    # A row's own k best hold every one of its candidates that can be among its prompt's k best, and adding the
+    # row's score keeps their order: so select within each row first (rows x k, before the sum over rows x vocab),
+    # then among the prompt's rows (beam x k).
+    top_log_probs, row_tokens = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    row_scores = scores[:, None] + top_log_probs
+    slot = torch.arange(rows, device=logits.device) - first_rows(owner, n_prompts)[owner]
+    padded = logits.new_full((n_prompts, beam, k), float("-inf"))
+    keys = torch.full((n_prompts, beam, k), beam * vocab, dtype=torch.long, device=logits.device)
+    padded[owner, slot] = row_scores
+    keys[owner, slot] = slot[:, None] * vocab + row_tokens
+    padded, keys = padded.view(n_prompts, -1), keys.view(n_prompts, -1)
+    by_key = keys.argsort(dim=1, stable=True)  # key order first, so the stable sort by score keeps it on ties
+    padded, keys = padded.gather(1, by_key), keys.gather(1, by_key)
+    order = padded.sort(dim=1, descending=True, stable=True).indices[:, :beam]
+    return padded.gather(1, order), keys.gather(1, order)
+
+
+def ban_repeated_ngrams(logits, generated, n):
+    """Set logits[row, t] to -inf, in place, for each token t that would complete an n-gram already in the row's
+    generated tokens (rows, steps): repeated_ngram_bans for every row at once, on tensors."""
+    steps = generated.size(1)
+    if steps < n:
+        return  # no complete n-gram yet
+    ngrams = generated.unfold(1, n, 1)  # (rows, steps - n + 1, n): every n-gram generated so far
+    last = generated[:, steps - n + 1:]  # the n - 1 tokens the next one follows (none when n = 1)
+    repeats = (ngrams[:, :, :n - 1] == last[:, None, :]).all(dim=-1)  # n-grams that start with those tokens
+    rows, starts = repeats.nonzero(as_tuple=True)
+    logits[rows, ngrams[rows, starts, n - 1]] = float("-inf")
+
+
+def length_groups(prompts, batch_size):
+    """Lists of indices into prompts, at most batch_size each, whose prompts have the same number of tokens
+    (what beam_search_batch takes), in the order each length first appears."""
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    return [group[start:start + batch_size] for group in by_length.values()
+            for start in range(0, len(group), batch_size)]
 
 
 def repeated_ngram_bans(tokens, n):

@@ -33,7 +33,9 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every past position, per layer, so that a new token costs one position's forward.
 
-    Buffers are allocated once for max_len positions; `length` counts the positions filled so far.
+    Buffers are allocated once for batch_size rows and max_len positions; `length` counts the positions filled
+    so far. A forward of B <= batch_size rows uses the first B rows (beam search starts with one row per prompt
+    and goes on with one per hypothesis).
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
@@ -46,15 +48,20 @@ class KVCache:
 
     def store(self, layer, k, v):
         """Write this step's k, v (B, nh, T, hs) after the past ones; return all keys and values so far."""
-        start, end = self.length, self.length + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        B, start, end = k.size(0), self.length, self.length + k.size(2)
+        self.k[layer, :B, :, start:end] = k
+        self.v[layer, :B, :, start:end] = v
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
 
     def reorder(self, batch_index):
-        """Keep the rows named by batch_index (beam search: each surviving beam takes its parent's past)."""
-        self.k = self.k.index_select(1, batch_index)
-        self.v = self.v.index_select(1, batch_index)
+        """Row i takes the past of row batch_index[i] (beam search: each surviving beam takes its parent's).
+
+        Only the filled positions are copied, into the first len(batch_index) rows: the buffers stay where they
+        are, and the empty positions are not read.
+        """
+        n, filled = batch_index.numel(), self.length
+        self.k[:, :n, :, :filled] = self.k[:, batch_index, :, :filled]  # the right side is a copy, so rows
+        self.v[:, :n, :, :filled] = self.v[:, batch_index, :, :filled]  # may take another's past safely
 
 
 class CausalSelfAttention(nn.Module):
@@ -80,6 +87,8 @@ class CausalSelfAttention(nn.Module):
         dropout = self.attn_dropout if self.training else 0.0
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif T == 1:  # one new token sees every position so far: no mask to build
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             # T new tokens after `past` cached ones: new token i sees positions <= past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -185,19 +194,22 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
+        out = idx.new_empty(B, T + max_new_tokens)  # filled as we go: no new sequence tensor per step
+        out[:, :T] = idx
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        step_input = idx
+        step_input, length = idx, T
         for _ in range(max_new_tokens):
-            logits, _ = self(step_input if use_cache else idx, cache=cache)
+            logits, _ = self(step_input if use_cache else out[:, :length], cache=cache)
             next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eos_token is not None:
                 next_token = torch.where(finished, eos_token, next_token)
                 finished |= next_token == eos_token
-            idx = torch.cat([idx, next_token[:, None]], dim=1)
-            step_input = next_token[:, None]  # with the cache, the next step runs only the new token
+            out[:, length] = next_token
+            length += 1
+            step_input = out[:, length - 1:length]  # with the cache, the next step runs only the new token
             if eos_token is not None and finished.all():
                 break
-        return idx
+        return out[:, :length]
 
     @classmethod
     def from_pretrained(cls, name_or_path, dropout=0.0):

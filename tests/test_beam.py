@@ -21,13 +21,14 @@ DUST = 1e-9  # the probability the fake model gives every token its table does n
 
 
 class FakeCache:
-    """The tokens each row has read so far: enough for the fake model to see whole sequences on the cache."""
+    """The tokens each row has read so far: enough for the fake model to see whole sequences on the cache.
+    As KVCache: a forward of B rows uses the first B, and reorder fills the first len(batch_index)."""
 
     def __init__(self, batch_size):
         self.rows = [[] for _ in range(batch_size)]
 
     def reorder(self, batch_index):
-        self.rows = [list(self.rows[i]) for i in batch_index.tolist()]
+        self.rows[:batch_index.numel()] = [list(self.rows[i]) for i in batch_index.tolist()]
 
 
 class FakeModel(nn.Module):
@@ -61,9 +62,9 @@ class FakeModel(nn.Module):
     def forward(self, idx, cache=None):
         rows = idx.tolist()
         if cache is not None:
-            for past, new in zip(cache.rows, rows, strict=True):
+            for past, new in zip(cache.rows, rows, strict=False):  # the first len(rows) rows
                 past.extend(new)
-            rows = cache.rows
+            rows = cache.rows[:len(rows)]
         T = idx.size(1)
         logits = [[self.next_logits(row[:len(row) - T + t + 1]) for t in range(T)] for row in rows]
         return torch.stack([torch.stack(r) for r in logits]), None
@@ -262,3 +263,69 @@ def test_matches_reference_on_random_models():
     assert 0 in lengths and any(0 < n < 12 for n in lengths) and 12 in lengths  # ended at once, early, at the limit
     assert any(len(out) == 6 for key, out in outs.items() if key[1] == 3)  # the cap: 64 - 58
     assert any(outs[k] != outs[k[:2] + (3, 0.8, 0)] for k in outs if k[2:] == (3, 0.8, 4))  # the ban mattered
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Many prompts at once: beam_search_batch, its tie rule, the vectorised n-gram ban, the length groups
+
+def test_equal_finished_scores_the_earlier_one_stays():
+    """Beam 2, prompt [0]: 1 and 2 are equally likely (.4 each), and each is followed by the end token 8 for sure
+    (the two rows' logits are the same numbers, so the scores are bitwise equal). [1] ranks first (equal
+    scores: the smaller token), so [1 8] finishes first; [2 8] ties and does not replace it (">" not ">=")."""
+    model = FakeModel({(0,): {1: 0.4, 2: 0.4, 3: 0.2}, (1,): {8: 1.0}, (2,): {8: 1.0}})
+    options = dict(beam=2, max_new_tokens=4, length_penalty=0.8, no_repeat_ngram=0, eos_tokens=(8, 9))
+    assert both_ways(model, [0], **options) == [1]
+    # the same with the tokens' roles swapped: still the smaller token's hypothesis
+    model = FakeModel({(0,): {1: 0.4, 2: 0.4, 3: 0.2}, (1,): {9: 1.0}, (2,): {8: 1.0}})
+    assert both_ways(model, [0], **options) == [1]
+
+
+def test_ban_repeated_ngrams_equals_the_plain_rule():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        generated = torch.randint(0, 4, (6, 12), generator=g)  # 4 tokens only: many repeats
+        logits = torch.zeros(6, 5)
+        from beam import ban_repeated_ngrams
+        ban_repeated_ngrams(logits, generated, n)
+        for row, tokens in zip(logits, generated.tolist(), strict=True):
+            assert set(torch.nonzero(row == float("-inf")).flatten().tolist()) == repeated_ngram_bans(tokens, n)
+
+
+def test_length_groups():
+    from beam import length_groups
+    prompts = [[1] * 3, [1] * 5, [2] * 3, [3] * 3, [2] * 5, [4] * 3]
+    assert length_groups(prompts, 2) == [[0, 2], [3, 5], [1, 4]]
+    assert length_groups(prompts, 16) == [[0, 2, 3, 5], [1, 4]]
+
+
+def test_batch_equals_one_by_one_on_random_models():
+    """Prompts of different lengths, grouped by length and decoded together, give token for token what each
+    gives alone; with and without the cache; and the cases include early ends, the limit and the cap."""
+    from beam import beam_search_batch, length_groups
+    ends = (5, 9)
+    lengths = []
+    for seed in range(2):
+        model = random_gpt(seed, ends)
+        g = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(10, 700, (int(n),), generator=g).tolist() for n in (1, 4, 4, 9, 4, 9, 1, 58, 58)]
+        for beam, length_penalty, ngram in [(1, 0.8, 4), (4, 0.8, 4), (5, 1.5, 2), (3, 0.0, 0)]:
+            options = dict(beam=beam, max_new_tokens=12, length_penalty=length_penalty, no_repeat_ngram=ngram,
+                           eos_tokens=ends)
+            alone = [beam_search(model, prompt, **options) for prompt in prompts]
+            together = [None] * len(prompts)
+            for group in length_groups(prompts, 3):
+                answers = beam_search_batch(model, [prompts[i] for i in group], **options)
+                assert beam_search_batch(model, [prompts[i] for i in group], use_cache=False, **options) == answers
+                for i, answer in zip(group, answers, strict=True):
+                    together[i] = answer
+            assert together == alone
+            lengths += [len(a) for a in alone]
+    assert 0 in lengths and any(0 < n < 12 for n in lengths) and 12 in lengths and 6 in lengths  # 6: 64 - 58
+
+
+def test_batch_refuses_prompts_of_different_lengths():
+    from beam import beam_search_batch
+    model = FakeModel({(): {3: 1.0}})
+    with pytest.raises(ValueError, match="same number of tokens"):
+        beam_search_batch(model, [[1, 2], [1]])
+    assert beam_search_batch(model, []) == []

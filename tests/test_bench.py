@@ -114,3 +114,37 @@ def test_both_training_sides_compute_the_same_first_loss(tiny_gpt2, tmp_path):
     result = json.loads(out.getvalue().splitlines()[-1].removeprefix("RESULT "))
     assert result["trainable"] == 2048
     assert result["peak"] >= result["base"] > 0
+
+
+def test_decode_bytes_counts_every_weight_once_and_one_position_row():
+    """GPT-2 124M: 124,439,808 parameters (wte counted once: the head is tied), 4 bytes each, less the position
+    table (1024 x 768) but for one row: the ~497 MB one token at batch 1 reads."""
+    from model import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    assert bench.decode_bytes(model) == 4 * (124_439_808 - 1024 * 768 + 768)
+
+
+def test_read_bandwidth_is_bytes_per_second():
+    rate = bench.read_bandwidth("cpu", n_bytes=2**24)
+    assert 1e8 < rate < 1e13  # between 0.1 GB/s and 10 TB/s
+
+
+def test_beam_runners_agree_and_transformers_runs(tiny_gpt2):
+    """The batched side gives what the one-prompt side gives (prompts of two lengths); transformers' side answers
+    every prompt. Quick settings: beam 3, 4 new tokens."""
+    import transformers
+
+    from data.e2e.prepare import EOT
+    from model import GPT
+
+    ours = GPT.from_pretrained(tiny_gpt2).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    prompts = [[11, 12, 13, EOT], [21, 22, 23, EOT], [31, 32, EOT], [41, 42, 43, EOT]]
+    runners = bench.beam_runners(ours, hf, prompts, dict(beam=3, max_new_tokens=4, length_penalty=0.8,
+                                                          no_repeat_ngram=4))
+    batched = runners["batched"](0)
+    assert batched == runners["one by one"](0)
+    assert all(len(answer) <= 4 for answer in batched) and any(answer for answer in batched)
+    theirs = runners["transformers"](0)
+    assert len(theirs) == 4 and all(len(answer) <= 4 for answer in theirs)

@@ -218,3 +218,21 @@ def test_sample_next_samples_from_the_hand_computed_distribution(monkeypatch):
     confident = [math.log(p) for p in (0.05, 0.9, 0.05)]
     assert sampled_probs(monkeypatch, confident, top_p=0.5) == pytest.approx([0, 1, 0])
     assert sampled_probs(monkeypatch, confident, top_p=0.5, temperature=0.5) == pytest.approx([0, 1, 0])
+
+
+def test_fast_decode_layout_gives_the_same_model(tiny_gpt2):
+    """tools.fast_decode's transposed layout: the same weights (as views of (in, out) memory), the head still
+    tied, logits to float rounding and the same greedy tokens, with and without the cache."""
+    from tools.fast_decode import transposed_weights
+
+    plain = GPT.from_pretrained(tiny_gpt2).eval()
+    fast = transposed_weights(GPT.from_pretrained(tiny_gpt2).eval())
+    c_attn = fast.transformer.h[0].attn.c_attn.weight
+    assert c_attn.shape == (192, 64) and c_attn.stride() == (1, 192)  # (out, in) values, (in, out) memory
+    assert fast.lm_head.weight is fast.transformer.wte.weight
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, fast.state_dict()[name]), name
+    idx = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert (plain(idx)[0] - fast(idx)[0]).abs().max().item() <= 1e-5
+    assert torch.equal(plain.generate(idx, 12, temperature=0), fast.generate(idx, 12, temperature=0))

@@ -1,6 +1,6 @@
 """Speed and memory of lora-gpt against transformers + PEFT, side by side, in one run on the same weights.
 
-    python -m tools.bench                          # sections 1-4 on CPU (under 10 minutes on 2 cores)
+    python -m tools.bench                          # sections 1-4 and 6 on CPU
     python -m tools.bench --quick                  # fewer repeats and 16 new tokens: a smoke test
     python -m tools.bench --sections 1 3           # some sections only
     python -m tools.bench --device cuda --compile  # on a GPU: bf16 autocast, plus section 5 (MFU, E2E epoch time)
@@ -8,7 +8,10 @@
 Sections: 1. a LoRA training step (ours vs GPT2LMHeadModel + PEFT LoRA): tokens/s and peak memory;
 2. peak memory of LoRA vs full fine-tuning on the GPT-2 medium shape; 3. greedy generation (our KV cache vs our
 no-cache path vs transformers' generate); 4. forward latency of the base vs merged vs unmerged LoRA model;
-5. (CUDA, or any device given --peak_tflops) MFU and an E2E epoch-time estimate for GPT-2 medium.
+5. (CUDA, or any device given --peak_tflops) MFU and an E2E epoch-time estimate for GPT-2 medium; 6. beam search
+over 64 E2E test MRs (eval.py's batched decoding vs one MR at a time vs transformers' beam generate), tiny model.
+Section 3 also measures the memory-read bandwidth and the batch-1 fraction of its limit, and times the opt-in
+layout of tools/fast_decode.py beside the plain cache.
 
 How it measures, so that the ratios mean something:
   - the same weights: a random transformers GPT2LMHeadModel (dropout 0) is saved to a temporary folder and both
@@ -43,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from beam import NEWLINES, beam_search, beam_search_batch, length_groups
+from data import tasks
 from data.e2e import batches, prepare
 from data.tasks import EOT
 from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
@@ -50,6 +55,7 @@ from model import GPT
 from plumbing.device import compile_for_training
 from plumbing.errors import UserError
 from plumbing.hf_checkpoint import PRETRAINED
+from tools.fast_decode import transposed_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"  # the read-only E2E CSVs and tiktoken files, where present
@@ -61,6 +67,9 @@ NEW_TOKENS = 128
 E2E_TRAIN_EXAMPLES = 42_061  # rows of the E2E training set
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peak (SXM)
 MIB = 2**20
+SHAPES = {**PRETRAINED, "tiny": dict(n_layer=2, n_head=4, n_embd=64)}  # tiny: the tests' model (tests/conftest.py)
+BEAM = dict(beam=10, max_new_tokens=64, length_penalty=0.8, no_repeat_ngram=4)  # eval.py's defaults (the paper's)
+BEAM_MRS, BEAM_BATCH = 64, 16  # section 6: test MRs decoded, and eval.py's --beam_batch
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,6 +111,14 @@ def lora_train_flops(n_layer, n_embd, vocab_size, lengths, n_targets, n_lora_par
     n_body = 12 * n_layer * n_embd**2
     return float((4 * n_body + 6 * n_lora_params) * n_tokens + 4 * n_embd * vocab_size * n_targets
                  + 12 * n_layer * n_embd * (lengths**2).sum())
+
+
+def decode_bytes(model):
+    """Bytes one greedy token reads at batch 1, at least: every weight once (the head is wte, tied, and reads all
+    of it), except the position table, of which it reads one row."""
+    wpe = model.transformer.wpe.weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - wpe.numel() * wpe.element_size() + wpe.size(1) * wpe.element_size()
 
 
 def peak_tflops(device_name, override=None):
@@ -185,6 +202,20 @@ def alternate(sides, repeats, warmup, device):
     return times
 
 
+def read_bandwidth(device, n_bytes=2**30):
+    """The device's memory-read rate, bytes/s: the best of 5 sums over an n_bytes fp32 tensor (a sum reads each
+    byte once and does next to no arithmetic, so it runs at the rate memory delivers)."""
+    x = torch.ones(n_bytes // 4, device=device)
+    times = []
+    for _ in range(6):  # the first is warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        x.sum()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return n_bytes / min(times[1:])
+
+
 def read_proc_status():
     """VmRSS and VmHWM (the resident-set high-water mark) of this process in bytes, from /proc/self/status."""
     values = {}
@@ -260,11 +291,11 @@ def quiet_transformers():
 
 
 def write_checkpoint(folder, shape, seed=0):
-    """A random GPT2LMHeadModel of the named shape (gpt2, gpt2-medium), dropout 0 and no eos token (every
+    """A random GPT2LMHeadModel of the named shape (gpt2, gpt2-medium, tiny), dropout 0 and no eos token (every
     generation runs its full length on both sides), saved with save_pretrained into folder."""
     transformers, _ = quiet_transformers()
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(**PRETRAINED[shape], vocab_size=50257, n_positions=1024, resid_pdrop=0.0,
+    config = transformers.GPT2Config(**SHAPES[shape], vocab_size=50257, n_positions=1024, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT, eos_token_id=None)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
@@ -587,11 +618,15 @@ def section_generation(ws):
     transformers, _ = quiet_transformers()
     folder = ws.checkpoint("gpt2")
     ours = GPT.from_pretrained(folder).to(ws.device).eval()
+    fast = transposed_weights(GPT.from_pretrained(folder)).to(ws.device).eval()  # the opt-in layout
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(ws.device).eval()
     rows, notes = [], []
+    bandwidth, n_bytes = read_bandwidth(ws.device), decode_bytes(ours)  # measured now, in this run
+    limit = bandwidth / n_bytes  # tokens/s at batch 1 if the weights streamed at the rate a sum reads memory
     for batch in (1, BATCH_SIZE):
         prompts = same_length_prompts(ws.split, batch).to(ws.device)
         runners = {"KV cache": greedy_runner(ours, prompts, ws), "transformers": greedy_runner(hf, prompts, ws),
+                   "fast_decode": greedy_runner(fast, prompts, ws),
                    "no cache": greedy_runner(ours, prompts, ws, use_cache=False)}
         # The no-cache path reruns the whole sequence every step: at batch 8 one run takes ~100 s on 2 CPU cores,
         # so there it runs in one round only (its margin is large); the other two run in every round.
@@ -607,17 +642,125 @@ def section_generation(ws):
                  ours=speed["KV cache"], theirs=speed["no cache"],
                  ratio=paired_ratios(times["no cache"], times["KV cache"][:slow_rounds]), target=(">=", 5.0)),
         ]
+        rows.append(dict(what=f"batch {batch}: tools.fast_decode's transposed layout (opt-in) vs the plain KV "
+                              f"cache, new tokens/s", ours=speed["fast_decode"], theirs=speed["KV cache"],
+                         ratio=paired_ratios(times["KV cache"], times["fast_decode"])))
+        if batch == 1:
+            for name in ("KV cache", "fast_decode"):
+                rows.append(dict(what=f"batch 1: {name} vs the memory-bandwidth limit ({bandwidth / 1e9:.1f} GB/s / "
+                                      f"{n_bytes / 1e6:.0f} MB per token), tokens/s", ours=speed[name],
+                                 theirs=limit, ratio=speed[name] / limit, target=(">=", 0.7)))
         same = {name: "yes" if torch.equal(outputs[name], outputs["KV cache"]) else "NO"
-                for name in ("transformers", "no cache")}
+                for name in ("transformers", "no cache", "fast_decode")}
         notes.append(f"batch {batch}: the same greedy tokens as our KV cache path: transformers "
-                     f"{same['transformers']}, our no-cache path {same['no cache']}.")
+                     f"{same['transformers']}, our no-cache path {same['no cache']}, fast_decode "
+                     f"{same['fast_decode']}.")
     length = same_length_prompts(ws.split, 1).size(1)
     notes.insert(0, f"greedy, {ws.new_tokens} new tokens after {length}-token prompts ({ws.data_name}: distinct "
                     f"prompts of the most common length, so no padding), no eos stop, {_precision(ws)}; transformers: "
                     f"GPT2LMHeadModel.generate(do_sample=False), its default KV cache. Ratios: median of per-round "
                     f"ratios, ours/theirs in tokens/s.")
+    notes.insert(1, f"bandwidth limit: one token at batch 1 reads every weight once ({n_bytes / 1e6:.0f} MB: the tied "
+                    f"head reads wte whole); memory read rate {bandwidth / 1e9:.1f} GB/s measured in this run as the "
+                    f"best of 5 sums over a 1 GiB fp32 tensor, so the limit is {limit:.1f} tokens/s.")
     return "3. Greedy generation, GPT-2 124M shape: our KV cache vs transformers' generate and our no-cache path", \
         notes, rows
+
+
+def beam_prompts(ws, count):
+    """The prompts (paper format) of the first `count` E2E test MRs when ../shared has the test CSV, else distinct
+    prompts of ws.split (synthetic, or the dev set). Returns (prompts as lists of token ids, description)."""
+    csv = SHARED / "e2e" / "testset_w_refs.csv"
+    if csv.is_file():
+        with contextlib.suppress(UserError):
+            prepare.prepare(ws.tmp / "e2e", source=csv.parent, splits=("test",))
+            enc = tasks.get_tokenizer()
+            mrs = [item["mr"] for item in prepare.load_mrs(ws.tmp / "e2e", "test")[:count]]
+            return [prepare.prompt_tokens(enc, mr, "paper") for mr in mrs], "E2E test MRs"
+    prompts, seen = [], set()
+    for i in range(len(ws.split)):
+        start = ws.split.offsets[i]
+        prompt = tuple(ws.split.tokens[start:start + ws.split.prompt_lens[i]].tolist())
+        if prompt not in seen:
+            seen.add(prompt)
+            prompts.append(list(prompt))
+        if len(prompts) == count:
+            break
+    return prompts, f"{ws.data_name} prompts"
+
+
+def beam_runners(ours, hf, prompts, options):
+    """function(i) -> the answers (lists of new tokens) for every prompt: our batched decoding as eval.py runs it
+    (length groups of BEAM_BATCH), our one-prompt loop, and transformers' beam generate on the same groups."""
+    groups = length_groups(prompts, BEAM_BATCH)
+
+    def batched(i):
+        answers = [None] * len(prompts)
+        for group in groups:
+            for j, answer in zip(group, beam_search_batch(ours, [prompts[j] for j in group], **options), strict=True):
+                answers[j] = answer
+        return answers
+
+    def one_by_one(i):
+        return [beam_search(ours, prompt, **options) for prompt in prompts]
+
+    def transformers_generate(i):
+        answers = [None] * len(prompts)
+        for group in groups:
+            x = torch.tensor([prompts[j] for j in group])
+            with torch.no_grad():
+                out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), num_beams=options["beam"],
+                                  no_repeat_ngram_size=options["no_repeat_ngram"], do_sample=False,
+                                  length_penalty=options["length_penalty"], max_new_tokens=options["max_new_tokens"],
+                                  eos_token_id=[EOT, NEWLINES], pad_token_id=EOT)
+            for j, row in zip(group, out[:, x.size(1):].tolist(), strict=True):
+                answers[j] = [t for t in row if t not in (EOT, NEWLINES)]  # their padding and end token dropped
+        return answers
+
+    return {"batched": batched, "one by one": one_by_one, "transformers": transformers_generate}
+
+
+def section_beam(ws):
+    """6. Beam search over many MRs (eval.py's decoding) vs our one-prompt loop and transformers' beam generate."""
+    transformers, _ = quiet_transformers()
+    folder = ws.checkpoint("tiny")
+    ours = GPT.from_pretrained(folder).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    count = 8 if ws.args.quick else BEAM_MRS
+    options = dict(BEAM, max_new_tokens=8 if ws.args.quick else BEAM["max_new_tokens"])
+    prompts, source = beam_prompts(ws, count)
+    runners = beam_runners(ours, hf, prompts, options)
+    warm = beam_runners(ours, hf, prompts[:2], dict(options, max_new_tokens=2))
+    for run in warm.values():
+        run(0)
+    outputs = {}
+    sides = {name: (lambda i, name=name: outputs.__setitem__(name, runners[name](i))) for name in runners}
+    rounds = 1 if ws.args.quick else min(ws.repeats, 2)
+    times = alternate(sides, rounds, 0, "cpu")
+    speed = {name: len(prompts) / statistics.median(t) for name, t in times.items()}
+    rows = [
+        dict(what=f"{len(prompts)} MRs: batched ({BEAM_BATCH} MRs a forward) vs one MR at a time, MRs/s",
+             ours=speed["batched"], theirs=speed["one by one"],
+             ratio=paired_ratios(times["one by one"], times["batched"]), target=(">=", 5.0), digits=2),
+        dict(what=f"{len(prompts)} MRs: batched vs transformers generate(num_beams={options['beam']}) on the same "
+                  f"groups (its rules differ), MRs/s", ours=speed["batched"], theirs=speed["transformers"],
+             ratio=paired_ratios(times["transformers"], times["batched"]), target=(">=", 2.0), digits=2),
+    ]
+    same = sum(a == b for a, b in zip(outputs["batched"], outputs["one by one"], strict=True))
+    theirs = sum(a == b for a, b in zip(outputs["batched"], outputs["transformers"], strict=True))
+    notes = [
+        f"{source}, beam {options['beam']}, {options['max_new_tokens']} new tokens, length penalty "
+        f"{options['length_penalty']}, no repeated {options['no_repeat_ngram']}-gram, on the tiny model "
+        f"({SHAPES['tiny']}, vocabulary 50,257, random weights: few hypotheses end, so nearly every step runs), "
+        f"fp32 on the CPU; median of {rounds} alternated round(s).",
+        f"batched: beam.beam_search_batch on groups of at most {BEAM_BATCH} prompts of the same length "
+        f"(eval.py --beam_batch {BEAM_BATCH}); one by one: beam.beam_search per MR (eval.py's loop before).",
+        f"the same answers batched as one by one: {same} of {len(prompts)} MRs. transformers' generate(num_beams, "
+        f"no_repeat_ngram_size, length_penalty, eos [50256, 628]) follows its own rules (2 x beam candidates, the "
+        f"ban counts the prompt and comes after the softmax, its own length normalisation and stopping rule): "
+        f"the same answer on {theirs} of {len(prompts)}.",
+    ]
+    return "6. Beam search over many MRs, tiny model: batched vs one MR at a time vs transformers", notes, rows
 
 
 def forward_runner(model, x, ws):
@@ -711,7 +854,8 @@ def _precision(ws):
     return "bf16 autocast" if ws.bf16 else "fp32"
 
 
-SECTIONS = {1: section_training, 2: section_full_memory, 3: section_generation, 4: section_forward, 5: section_gpu}
+SECTIONS = {1: section_training, 2: section_full_memory, 3: section_generation, 4: section_forward, 5: section_gpu,
+            6: section_beam}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -748,7 +892,7 @@ def parse_args(argv=None):
                                 "measured in one run on the same weights and inputs.")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, or e.g. cuda:0")
     p.add_argument("--sections", nargs="+", type=int, choices=sorted(SECTIONS), default=None,
-                   help="which sections to run (default 1-4, and 5 on CUDA or with --peak_tflops)")
+                   help="which sections to run (default 1-4 and 6, and 5 on CUDA or with --peak_tflops)")
     p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, 16 new tokens: a smoke test")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (the median is reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides' training (section 1, 5)")
@@ -761,7 +905,7 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.sections is None:
         gpu = args.device.startswith("cuda") or args.peak_tflops is not None
-        args.sections = [1, 2, 3, 4] + ([5] if gpu else [])
+        args.sections = [1, 2, 3, 4, 6] + ([5] if gpu else [])
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     return args
