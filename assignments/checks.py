@@ -48,8 +48,9 @@ def tiny_config(**shape):
 # Part 0: GPT.from_pretrained
 
 
-def loading(seed, dropout=0.0, **shape):
-    """Write a random GPT-2 checkpoint in OpenAI's layout (Conv1D weights (in, out)), load it."""
+def load_random_checkpoint(seed, dropout, **shape):
+    """(model, whether its name_or_path is the folder it came from): a random GPT-2 checkpoint written in OpenAI's
+    layout (Conv1D weights (in, out)) and loaded with GPT.from_pretrained."""
     from model import GPT
     from plumbing import files, hf_checkpoint
 
@@ -61,6 +62,12 @@ def loading(seed, dropout=0.0, **shape):
         files.save_safetensors(state, Path(folder) / "model.safetensors")
         (Path(folder) / "config.json").write_text(json.dumps(hf_checkpoint.hf_config(config)))
         model = GPT.from_pretrained(folder, dropout=dropout)
+        return model, model.name_or_path == str(folder)
+
+
+def loading(seed, dropout=0.0, **shape):
+    """Write a random GPT-2 checkpoint in OpenAI's layout (Conv1D weights (in, out)), load it."""
+    model, _ = load_random_checkpoint(seed, dropout, **shape)
     out = {f"loaded {name}": t.detach().clone() for name, t in model.state_dict().items()}
     out["lm_head is wte (tied)"] = model.lm_head.weight is model.transformer.wte.weight
     out["config"] = repr(model.config)
@@ -72,18 +79,9 @@ def loading_for_training(seed, dropout, **shape):
     (not only its config), and the model remembers where it came from."""
     import torch.nn as nn
 
-    from model import GPT, CausalSelfAttention
-    from plumbing import files, hf_checkpoint
+    from model import CausalSelfAttention
 
-    config = tiny_config(**shape)
-    source = GPT(config)
-    randomize(source, generator(seed), 0.05)
-    with tempfile.TemporaryDirectory() as folder:
-        state = {name: t.contiguous() for name, t in hf_checkpoint.hf_state_dict(source.state_dict()).items()}
-        files.save_safetensors(state, Path(folder) / "model.safetensors")
-        (Path(folder) / "config.json").write_text(json.dumps(hf_checkpoint.hf_config(config)))
-        model = GPT.from_pretrained(folder, dropout=dropout)
-        named = model.name_or_path == str(folder)
+    model, named = load_random_checkpoint(seed, dropout, **shape)
     rates = [(name, float(m.p)) for name, m in model.named_modules() if isinstance(m, nn.Dropout)]
     rates += [(f"{name}.attn_dropout", float(m.attn_dropout)) for name, m in model.named_modules()
               if isinstance(m, CausalSelfAttention)]
