@@ -620,13 +620,18 @@ def section_generation(ws):
     ours = GPT.from_pretrained(folder).to(ws.device).eval()
     fast = transposed_weights(GPT.from_pretrained(folder)).to(ws.device).eval()  # the opt-in layout
     hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(ws.device).eval()
+    # bf16 weights, as sample.py --dtype bf16 gives them: half the bytes per token; fast only on a processor with
+    # bf16 arithmetic (AVX512-BF16, AMX, a GPU), so it is measured against transformers in bf16 too
+    ours16 = GPT.from_pretrained(folder).to(device=ws.device, dtype=torch.bfloat16).eval()
+    hf16 = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.bfloat16).to(ws.device).eval()
     rows, notes = [], []
     bandwidth, n_bytes = read_bandwidth(ws.device), decode_bytes(ours)  # measured now, in this run
     limit = bandwidth / n_bytes  # tokens/s at batch 1 if the weights streamed at the rate a sum reads memory
     for batch in (1, BATCH_SIZE):
         prompts = same_length_prompts(ws.split, batch).to(ws.device)
         runners = {"KV cache": greedy_runner(ours, prompts, ws), "transformers": greedy_runner(hf, prompts, ws),
-                   "fast_decode": greedy_runner(fast, prompts, ws),
+                   "fast_decode": greedy_runner(fast, prompts, ws), "bf16": greedy_runner(ours16, prompts, ws),
+                   "transformers bf16": greedy_runner(hf16, prompts, ws),
                    "no cache": greedy_runner(ours, prompts, ws, use_cache=False)}
         # The no-cache path reruns the whole sequence every step: at batch 8 one run takes ~100 s on 2 CPU cores,
         # so there it runs in one round only (its margin is large); the other two run in every round.
@@ -645,7 +650,15 @@ def section_generation(ws):
         rows.append(dict(what=f"batch {batch}: tools.fast_decode's transposed layout (opt-in) vs the plain KV "
                               f"cache, new tokens/s", ours=speed["fast_decode"], theirs=speed["KV cache"],
                          ratio=paired_ratios(times["KV cache"], times["fast_decode"])))
+        rows.append(dict(what=f"batch {batch}: bf16 weights (sample.py --dtype bf16) vs transformers in bf16, new "
+                              f"tokens/s", ours=speed["bf16"], theirs=speed["transformers bf16"],
+                         ratio=paired_ratios(times["transformers bf16"], times["bf16"])))
+        rows.append(dict(what=f"batch {batch}: bf16 weights vs our fp32 KV cache, new tokens/s", ours=speed["bf16"],
+                         theirs=speed["KV cache"], ratio=paired_ratios(times["KV cache"], times["bf16"])))
         if batch == 1:
+            rows.append(dict(what=f"batch 1: bf16 weights vs their memory-bandwidth limit ({bandwidth / 1e9:.1f} GB/s "
+                                  f"/ {n_bytes / 2e6:.0f} MB per token), tokens/s", ours=speed["bf16"],
+                             theirs=2 * limit, ratio=speed["bf16"] / (2 * limit)))
             for name in ("KV cache", "fast_decode"):
                 rows.append(dict(what=f"batch 1: {name} vs the memory-bandwidth limit ({bandwidth / 1e9:.1f} GB/s / "
                                       f"{n_bytes / 1e6:.0f} MB per token), tokens/s", ours=speed[name],
@@ -654,7 +667,8 @@ def section_generation(ws):
                 for name in ("transformers", "no cache", "fast_decode")}
         notes.append(f"batch {batch}: the same greedy tokens as our KV cache path: transformers "
                      f"{same['transformers']}, our no-cache path {same['no cache']}, fast_decode "
-                     f"{same['fast_decode']}.")
+                     f"{same['fast_decode']}; bf16 weights the same as transformers in bf16: "
+                     f"{'yes' if torch.equal(outputs['bf16'], outputs['transformers bf16']) else 'NO'}.")
     length = same_length_prompts(ws.split, 1).size(1)
     notes.insert(0, f"greedy, {ws.new_tokens} new tokens after {length}-token prompts ({ws.data_name}: distinct "
                     f"prompts of the most common length, so no padding), no eos stop, {_precision(ws)}; transformers: "
