@@ -3,6 +3,7 @@
     python train.py --rank 4                                    # gpt2, r=4 on Wq and Wv, 5 epochs
     python train.py --model gpt2-medium                          # the paper's E2E setting (on a GPU)
     torchrun --nproc_per_node=2 train.py ...                    # data-parallel (DDP), same global batch
+    python train.py --preset webnlg                             # WebNLG (or dart) with its Table 11 settings
 
 The loop: a batch of E2E examples padded to its own longest -> loss on the completion tokens only
 (label-smoothed) -> AdamW on the LoRA parameters alone -> linear warmup then linear decay to zero.
@@ -81,6 +82,7 @@ def parse_args(argv=None):
                    "symbolic)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
+
     def use_preset(task):  # the task's settings as defaults: flags given explicitly still win
         p.set_defaults(data=str(tasks.data_dir(task)), **tasks.PRESETS[task]["train"])
 
