@@ -203,7 +203,9 @@ def best_candidates(logits, scores, owner, n_prompts, beam):
 
 def ban_repeated_ngrams(logits, generated, n):
     """Set logits[row, t] to -inf, in place, for each token t that would complete an n-gram already in the row's
-    generated tokens (rows, steps): repeated_ngram_bans for every row at once, on tensors."""
+    generated tokens (rows, steps), for every row at once: the next token t makes the n-gram (last n - 1
+    tokens, t), so every earlier n-gram that starts with the same n - 1 tokens bans its own last token. With n = 1
+    every token seen so far is banned."""
     steps = generated.size(1)
     if steps < n:
         return  # no complete n-gram yet
@@ -222,15 +224,3 @@ def length_groups(prompts, batch_size):
         by_length.setdefault(len(prompt), []).append(i)
     return [group[start:start + batch_size] for group in by_length.values()
             for start in range(0, len(group), batch_size)]
-
-
-def repeated_ngram_bans(tokens, n):
-    """The tokens that may not come next after `tokens`: those that would complete an n-gram already in them.
-
-    The next token t makes the n-gram (last n - 1 tokens, t); so every earlier n-gram that starts with the
-    same n - 1 tokens bans its own last token. With n = 1 every token seen so far is banned.
-    """
-    if len(tokens) < n:
-        return set()  # no complete n-gram yet
-    last = tokens[len(tokens) - n + 1:]  # the n - 1 tokens the next one follows (none when n = 1)
-    return {tokens[start + n - 1] for start in range(len(tokens) - n + 1) if tokens[start:start + n - 1] == last}

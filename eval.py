@@ -250,7 +250,7 @@ def evaluate(args):
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
     model, data_format = load_model(model=args.model, adapter=args.adapter, merged=args.merged)
     lora_settings = lora.config_of(model)
-    task = data_format if data_format in tasks.TASK_FORMATS else "e2e"
+    task = tasks.task_of(data_format)
     if task != "e2e" and args.references is not None:
         raise UserError(f"--references chooses between E2E's two forms of references; this model was trained on "
                         f"{task} data, whose references are its own")

@@ -160,7 +160,7 @@ def encode_prompt(args, model, data_format):
     """The prompt's token ids: --mr in the model's data format, or the text (empty: <|endoftext|> alone, how
     GPT-2 starts a new text). encode_ordinary, as in training: "<|endoftext|>" typed in a prompt stays text."""
     enc = get_tokenizer()
-    task = data_format if data_format in tasks.TASK_FORMATS else "e2e"
+    task = tasks.task_of(data_format)
     if args.mr is not None and task != "e2e":
         raise UserError(f"--mr is an E2E meaning representation, but the model was trained on {task} data: give "
                         "--prompt" + (" or --triples" if task in TRIPLE_CONTEXTS else ""))

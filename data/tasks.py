@@ -304,6 +304,12 @@ def load_groups(data_dir, split):
 # ----------------------------------------------------------------------------------------------------------
 # Preparing a folder: your own files, or a task's downloaded ones.
 
+def task_of(data_format):
+    """The task a prepared format belongs to: webnlg, dart, prompt_completion (your own data), else e2e (E2E's
+    "paper" and "plain" formats)."""
+    return data_format if data_format in TASK_FORMATS else "e2e"
+
+
 def data_dir(task):
     """The folder a task's files are downloaded and prepared into by default: data/e2e, data/webnlg, data/dart."""
     return Path(__file__).resolve().parent / task

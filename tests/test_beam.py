@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from beam import beam_search, repeated_ngram_bans
+from beam import ban_repeated_ngrams, beam_search
 from data.tasks import EOT
 from model import GPT, GPTConfig
 from plumbing.errors import UserError
@@ -176,6 +176,26 @@ def test_prompt_length_and_cap():
     assert beam_search(model, torch.tensor([1] * 7), beam=2, max_new_tokens=10, no_repeat_ngram=0) == [3]
 
 
+def plain_bans(tokens, n):
+    """The rule the plain way, to check ban_repeated_ngrams against: the tokens that may not come next after
+    `tokens`, those that would complete an n-gram already in them.
+
+    The next token t makes the n-gram (last n - 1 tokens, t); so every earlier n-gram that starts with the
+    same n - 1 tokens bans its own last token. With n = 1 every token seen so far is banned.
+    """
+    if len(tokens) < n:
+        return set()  # no complete n-gram yet
+    last = tokens[len(tokens) - n + 1:]  # the n - 1 tokens the next one follows (none when n = 1)
+    return {tokens[start + n - 1] for start in range(len(tokens) - n + 1) if tokens[start:start + n - 1] == last}
+
+
+def repeated_ngram_bans(tokens, n):
+    """The tokens ban_repeated_ngrams bans after one row of generated tokens."""
+    logits = torch.zeros(1, max(tokens, default=0) + 2)
+    ban_repeated_ngrams(logits, torch.tensor([tokens], dtype=torch.long).view(1, len(tokens)), n)
+    return set(torch.nonzero(logits[0] == float("-inf")).flatten().tolist())
+
+
 def test_repeated_ngram_bans():
     seq = [1, 2, 3, 1, 2]
     assert repeated_ngram_bans(seq, 3) == {3}  # "1 2" was followed by 3, so 3 may not follow "1 2" again
@@ -285,10 +305,9 @@ def test_ban_repeated_ngrams_equals_the_plain_rule():
     for n in (1, 2, 3, 4):
         generated = torch.randint(0, 4, (6, 12), generator=g)  # 4 tokens only: many repeats
         logits = torch.zeros(6, 5)
-        from beam import ban_repeated_ngrams
         ban_repeated_ngrams(logits, generated, n)
         for row, tokens in zip(logits, generated.tolist(), strict=True):
-            assert set(torch.nonzero(row == float("-inf")).flatten().tolist()) == repeated_ngram_bans(tokens, n)
+            assert set(torch.nonzero(row == float("-inf")).flatten().tolist()) == plain_bans(tokens, n)
 
 
 def test_length_groups():

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/e2e/prepare.py`: the project's root, to import plumbing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from data import tasks  # noqa: E402
 from data.tasks import EOT, get_tokenizer  # noqa: E402
 from plumbing.errors import UserError, reported  # noqa: E402
 from plumbing.files import download  # noqa: E402
@@ -115,7 +116,7 @@ def paper_context(mr):
 def prompt_tokens(enc, mr, data_format):
     """The prompt the model completes for this MR: training, sampling and evaluation all build it here."""
     if data_format == "paper":
-        return enc.encode_ordinary(paper_context(mr)) + [EOT]
+        return tasks.prompt_tokens(enc, paper_context(mr))  # the context, then <|endoftext|>, as every task
     return enc.encode_ordinary(f"{mr} ||")
 
 
