@@ -89,42 +89,63 @@ def beam_search(model, prompt, beam=10, max_new_tokens=64, length_penalty=0.8, n
 @torch.no_grad()
 def beam_search_batch(model, prompts, beam=10, max_new_tokens=64, length_penalty=0.8, no_repeat_ngram=4,
                       eos_tokens=(EOT, NEWLINES), use_cache=True):
-    """beam_search on several prompts of the same number of tokens at once: a list of answers, in order.
+    """beam_search on several prompts at once: a list of answers, in order.
 
     Every live hypothesis of every prompt runs in the same forward, one per step, but each prompt keeps its own
     beams, ranking and best finished hypothesis, so each answer is the one beam_search gives that prompt alone.
-    length_groups splits prompts of different lengths into such batches.
+    Prompts of different lengths are left-padded to the longest (the cache's pad: each row keeps its own
+    positions and never attends to a pad). A prompt is decoded for min(max_new_tokens, block_size - its length)
+    steps alone, so a batch of prompts of different lengths must leave every one of them max_new_tokens
+    positions (prompt_batches groups the others by length).
     """
     prompts = [[int(token) for token in prompt] for prompt in prompts]
     if not prompts:
         return []
-    length, block_size = len(prompts[0]), model.config.block_size
-    if any(len(prompt) != length for prompt in prompts):
-        raise UserError("beam_search_batch needs prompts of the same number of tokens (see length_groups)")
-    if not 0 < length < block_size:
-        raise UserError(f"the prompt has {length} tokens; beam search needs 1 to {block_size - 1} "
-                         f"(the model's block_size is {block_size})")
+    lengths, block_size = [len(prompt) for prompt in prompts], model.config.block_size
+    width = max(lengths)
+    for length in lengths:
+        if not 0 < length < block_size:
+            raise UserError(f"the prompt has {length} tokens; beam search needs 1 to {block_size - 1} "
+                            f"(the model's block_size is {block_size})")
     if beam < 1:
         raise UserError(f"beam must be at least 1, got {beam}")
-    max_new_tokens = min(max_new_tokens, block_size - length)
+    padded = min(lengths) < width
+    if padded and width + max_new_tokens > block_size:
+        raise UserError(f"prompts of different lengths leave fewer than {max_new_tokens} new tokens before "
+                        f"block_size {block_size}: decode each length apart (prompt_batches does)")
+    max_new_tokens = min(max_new_tokens, block_size - width)
     if max_new_tokens < 1:
         return [[] for _ in prompts]
     ends = {int(token) for token in eos_tokens}
     device = model.transformer.wte.weight.device
     n_prompts = len(prompts)
-    # One row per hypothesis: at most `beam` per prompt. The last step's token is never run, so
-    # length + max_new_tokens - 1 positions would do; one more is harmless.
-    cache = model.new_cache(n_prompts * beam, length + max_new_tokens) if use_cache else None
-    prompt_rows = torch.tensor(prompts, device=device)
+    # Left padding: prompt p starts with width - len(p) pad tokens, copies of its first token (any token of the
+    # vocabulary would do: no real token attends to a pad)
+    prompt_rows = torch.tensor([prompt[:1] * (width - len(prompt)) + prompt for prompt in prompts], device=device)
+    prompt_pad = width - torch.tensor(lengths, device=device) if padded else None
+
+    def new_cache(owner, positions):
+        """A cache with one row per entry of owner, the prompt whose pad that row has."""
+        if not padded:
+            return model.new_cache(owner.numel(), positions)
+        return model.new_cache(owner.numel(), positions, pad=prompt_pad[owner])
 
     # The live hypotheses of all prompts are the rows, grouped by prompt, best first within a prompt.
     owner = torch.arange(n_prompts, device=device)  # the prompt each row belongs to
     generated = torch.zeros(n_prompts, 0, dtype=torch.long, device=device)  # each row's new tokens
     scores = torch.zeros(n_prompts, device=device)  # summed log-probability of each row
     best_score, best = [float("-inf")] * n_prompts, [[] for _ in prompts]
+    # One cache row per hypothesis: at most `beam` per prompt. The first step runs the prompts in rows 0 to
+    # n_prompts - 1; reorder then gives every row its parent's past and pad. The last step's token is never run,
+    # so width + max_new_tokens - 1 positions would do; one more is harmless.
+    cache = new_cache(owner.repeat(beam), width + max_new_tokens) if use_cache else None
     step_input = prompt_rows  # the first step reads each prompt, once (rule 2)
     for step in range(max_new_tokens):
-        logits = model(step_input, cache=cache)[0][:, -1, :].float()  # (rows, vocab): next-token logits
+        if use_cache or not padded:
+            logits = model(step_input, cache=cache)[0]
+        else:  # no cache, but left padding: every whole sequence again, on an empty cache that knows the pads
+            logits = model(step_input, cache=new_cache(owner, step_input.size(1)))[0]
+        logits = logits[:, -1, :].float()  # (rows, vocab): next-token logits
         if no_repeat_ngram > 0:  # rules 3 and 4: ban on the logits, so the softmax renormalises the others
             ban_repeated_ngrams(logits, generated, no_repeat_ngram)
         top_scores, top_keys = best_candidates(logits, scores, owner, n_prompts, beam)
@@ -154,7 +175,7 @@ def beam_search_batch(model, prompts, beam=10, max_new_tokens=64, length_penalty
         generated = torch.cat([generated[parents], new_tokens], dim=1)
         scores, owner = torch.tensor(next_scores, device=device), torch.tensor(next_owner, device=device)
 
-        if cache is not None:  # each surviving hypothesis takes its parent's past, then runs its new token only
+        if use_cache:  # each surviving hypothesis takes its parent's past (and pad), then runs its new token only
             cache.reorder(parents)
             step_input = new_tokens
         else:
@@ -216,11 +237,15 @@ def ban_repeated_ngrams(logits, generated, n):
     logits[rows, ngrams[rows, starts, n - 1]] = float("-inf")
 
 
-def length_groups(prompts, batch_size):
-    """Lists of indices into prompts, at most batch_size each, whose prompts have the same number of tokens
-    (what beam_search_batch takes), in the order each length first appears."""
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    return [group[start:start + batch_size] for group in by_length.values()
-            for start in range(0, len(group), batch_size)]
+def prompt_batches(prompts, batch_size, max_new_tokens, block_size):
+    """Lists of indices into prompts, at most batch_size each, for beam_search_batch: the prompts by length,
+    shortest first, so that a batch pads little. A prompt too long to leave max_new_tokens positions before
+    block_size (its answer is cut there) goes only with prompts of its own length, as padding would cut it more."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: equal lengths keep their order
+    fits = [i for i in order if len(prompts[i]) + max_new_tokens <= block_size]
+    runs = [fits]
+    for i in order[len(fits):]:  # the long ones, by length
+        if len(runs) == 1 or len(prompts[runs[-1][0]]) != len(prompts[i]):
+            runs.append([])
+        runs[-1].append(i)
+    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]

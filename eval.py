@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from beam import beam_search_batch, check_beam_width, length_groups
+from beam import beam_search_batch, check_beam_width, prompt_batches
 from checkpoints import run as preflight
 from checkpoints.adapters import adapter_path
 from checkpoints.loading import describe_lora, load_model
@@ -73,8 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--no_repeat_ngram", type=int, default=4, help="never repeat an n-gram of this size "
                    "(0: no rule)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest output, in tokens")
-    p.add_argument("--beam_batch", type=int, default=16, help="MRs decoded together (their prompts of the same "
-                   "token length): all their beams go through the model in one forward per step")
+    p.add_argument("--beam_batch", type=int, default=16, help="MRs decoded together (left-padded to the longest "
+                   "prompt): all their beams go through the model in one forward per step")
     p.add_argument("--limit", type=int, default=None, help="decode only the first N MRs (quick runs)")
     p.add_argument("--no_val_loss", action="store_true", help="skip the dev loss")
     p.add_argument("--no_meteor", action="store_true", help="skip METEOR (its Java start-up takes seconds)")
@@ -210,11 +210,11 @@ def task_table(name, split, val_loss, scores, meteor_asked=True):
 # Decoding
 
 def decode(model, enc, prompts, args, autocast, max_new_tokens, length_penalty):
-    """Each prompt's beam-search output as one line of text. Prompts of the same number of tokens are decoded
-    together, args.beam_batch at a time (the same answers as one by one, in fewer, larger forwards)."""
+    """Each prompt's beam-search output as one line of text. The prompts are decoded args.beam_batch at a time,
+    left-padded to the longest of their batch (the same answers as one by one, in fewer, larger forwards)."""
     outputs = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="beam search", unit=" input", dynamic_ncols=True) as bar:
-        for group in length_groups(prompts, args.beam_batch):
+        for group in prompt_batches(prompts, args.beam_batch, max_new_tokens, model.config.block_size):
             with autocast:
                 answers = beam_search_batch(model, [prompts[i] for i in group], beam=args.beam,
                                             max_new_tokens=max_new_tokens, length_penalty=length_penalty,

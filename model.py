@@ -36,15 +36,20 @@ class KVCache:
     Buffers are allocated once for batch_size rows and max_len positions; `length` counts the positions filled
     so far. A forward of B <= batch_size rows uses the first B rows (beam search starts with one row per prompt
     and goes on with one per hypothesis).
+
+    Prompts of different lengths can share a cache left-padded to the longest: pad (batch_size,) counts the pad
+    slots at the start of each row. A row's positions then count from its first real token, and no real token
+    attends to a pad (visible), so each row computes what it would alone.
     """
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
         if max_len > config.block_size:
             raise UserError(f"{max_len} positions asked for, but the model has only {config.block_size}")
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.pad = None if pad is None else torch.as_tensor(pad, device=device)
 
     def store(self, layer, k, v):
         """Write this step's k, v (B, nh, T, hs) after the past ones; return all keys and values so far."""
@@ -62,6 +67,17 @@ class KVCache:
         n, filled = batch_index.numel(), self.length
         self.k[:, :n, :, :filled] = self.k[:, batch_index, :, :filled]  # the right side is a copy, so rows
         self.v[:, :n, :, :filled] = self.v[:, batch_index, :, :filled]  # may take another's past safely
+        if self.pad is not None:
+            self.pad[:n] = self.pad[batch_index]
+
+    def visible(self, B, T):
+        """With left padding: which slots each of the next T tokens of the first B rows attends to, (B, 1, T,
+        length + T) bool. A token sees itself and the slots before it, except that a real token sees no pad
+        (a pad sees the pads before it, so its softmax has something to weigh; no real token reads its output)."""
+        query = torch.arange(self.length, self.length + T, device=self.pad.device)[:, None]  # (T, 1) slots
+        key = torch.arange(self.length + T, device=self.pad.device)[None, :]  # (1, length + T)
+        pad = self.pad[:B, None, None, None]  # (B, 1, 1, 1)
+        return (key <= query) & ((key >= pad) | (query < pad))
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,7 +101,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.store(layer, k, v)  # now every position so far: (B, nh, past + T, hs)
         dropout = self.attn_dropout if self.training else 0.0
-        if past == 0:
+        if cache is not None and cache.pad is not None:  # prompts of different lengths, left-padded
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.visible(B, T), dropout_p=dropout)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif T == 1:  # one new token sees every position so far: no mask to build
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -167,6 +185,8 @@ class GPT(nn.Module):
         if past + T > self.config.block_size:
             raise UserError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
         pos = torch.arange(past, past + T, device=idx.device)
+        if cache is not None and cache.pad is not None:  # left-padded rows count from their first real token
+            pos = (pos - cache.pad[:idx.size(0), None]).clamp(min=0)  # (B, T); a pad's position is never read
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, cache, layer)
@@ -180,9 +200,9 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float(), targets[keep], label_smoothing=label_smoothing)
         return logits, loss
 
-    def new_cache(self, batch_size, max_len):
+    def new_cache(self, batch_size, max_len, pad=None):
         p = self.transformer.wte.weight
-        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype, pad)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token=None,

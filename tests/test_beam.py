@@ -22,13 +22,16 @@ DUST = 1e-9  # the probability the fake model gives every token its table does n
 
 class FakeCache:
     """The tokens each row has read so far: enough for the fake model to see whole sequences on the cache.
-    As KVCache: a forward of B rows uses the first B, and reorder fills the first len(batch_index)."""
+    As KVCache: a forward of B rows uses the first B, reorder fills the first len(batch_index), and a row's first
+    pad[row] tokens (left padding) are not read."""
 
-    def __init__(self, batch_size):
+    def __init__(self, batch_size, pad=None):
         self.rows = [[] for _ in range(batch_size)]
+        self.skip = [0] * batch_size if pad is None else pad.tolist()  # pad tokens still to be dropped
 
     def reorder(self, batch_index):
         self.rows[:batch_index.numel()] = [list(self.rows[i]) for i in batch_index.tolist()]
+        self.skip[:batch_index.numel()] = [self.skip[i] for i in batch_index.tolist()]
 
 
 class FakeModel(nn.Module):
@@ -44,8 +47,8 @@ class FakeModel(nn.Module):
         self.config = GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=1, n_head=1, n_embd=1)
         self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(1, 1)))  # beam_search reads the device here
 
-    def new_cache(self, batch_size, max_len):
-        return FakeCache(batch_size)
+    def new_cache(self, batch_size, max_len, pad=None):
+        return FakeCache(batch_size, pad)
 
     def next_logits(self, seq):
         for start in range(len(seq) + 1):  # longest suffix first
@@ -62,11 +65,14 @@ class FakeModel(nn.Module):
     def forward(self, idx, cache=None):
         rows = idx.tolist()
         if cache is not None:
-            for past, new in zip(cache.rows, rows, strict=False):  # the first len(rows) rows
-                past.extend(new)
+            for i, new in enumerate(rows):  # the first len(rows) rows
+                cache.rows[i].extend(new[cache.skip[i]:])
+                cache.skip[i] = max(0, cache.skip[i] - len(new))
             rows = cache.rows[:len(rows)]
         T = idx.size(1)
-        logits = [[self.next_logits(row[:len(row) - T + t + 1]) for t in range(T)] for row in rows]
+        # a pad position's logits are nothing the search may read: NaN, so that reading one would show
+        logits = [[self.next_logits(row[:len(row) - T + t + 1]) if len(row) - T + t >= 0
+                   else torch.full((self.vocab_size,), float("nan")) for t in range(T)] for row in rows]
         return torch.stack([torch.stack(r) for r in logits]), None
 
 
@@ -310,19 +316,21 @@ def test_ban_repeated_ngrams_equals_the_plain_rule():
             assert set(torch.nonzero(row == float("-inf")).flatten().tolist()) == plain_bans(tokens, n)
 
 
-def test_length_groups():
-    from beam import length_groups
-    prompts = [[1] * 3, [1] * 5, [2] * 3, [3] * 3, [2] * 5, [4] * 3]
-    assert length_groups(prompts, 2) == [[0, 2], [3, 5], [1, 4]]
-    assert length_groups(prompts, 16) == [[0, 2, 3, 5], [1, 4]]
+def test_prompt_batches():
+    from beam import prompt_batches
+    prompts = [[1] * 3, [1] * 5, [2] * 3, [3] * 3, [2] * 5, [4] * 3, [1] * 7, [1] * 7, [1] * 6]
+    # block_size 8, 2 new tokens: lengths 3, 5 and 6 leave room, shortest first; the two 7s go together, alone
+    assert prompt_batches(prompts, 2, 2, 8) == [[0, 2], [3, 5], [1, 4], [8], [6, 7]]
+    assert prompt_batches(prompts, 16, 2, 8) == [[0, 2, 3, 5, 1, 4, 8], [6, 7]]
+    assert prompt_batches(prompts, 4, 1, 100) == [[0, 2, 3, 5], [1, 4, 8, 6], [7]]
 
 
 def test_batch_equals_one_by_one_on_random_models():
-    """Prompts of different lengths, grouped by length and decoded together, give token for token what each
-    gives alone; with and without the cache; and the cases include early ends, the limit and the cap."""
-    from beam import beam_search_batch, length_groups
+    """Prompts of different lengths, left-padded in batches of 3 and decoded together, give token for token what
+    each gives alone; with and without the cache; and the cases include early ends, the limit and the cap."""
+    from beam import beam_search_batch, prompt_batches
     ends = (5, 9)
-    lengths = []
+    lengths, mixed = [], 0
     for seed in range(2):
         model = random_gpt(seed, ends)
         g = torch.Generator().manual_seed(seed)
@@ -332,19 +340,35 @@ def test_batch_equals_one_by_one_on_random_models():
                            eos_tokens=ends)
             alone = [beam_search(model, prompt, **options) for prompt in prompts]
             together = [None] * len(prompts)
-            for group in length_groups(prompts, 3):
+            for group in prompt_batches(prompts, 3, 12, model.config.block_size):
+                mixed += len({len(prompts[i]) for i in group}) > 1
                 answers = beam_search_batch(model, [prompts[i] for i in group], **options)
                 assert beam_search_batch(model, [prompts[i] for i in group], use_cache=False, **options) == answers
                 for i, answer in zip(group, answers, strict=True):
                     together[i] = answer
             assert together == alone
             lengths += [len(a) for a in alone]
+    assert mixed == 16  # two padded batches ([1, 1, 4], [4, 4, 9]) in each of the 8 settings
     assert 0 in lengths and any(0 < n < 12 for n in lengths) and 12 in lengths and 6 in lengths  # 6: 64 - 58
 
 
-def test_batch_refuses_prompts_of_different_lengths():
+def test_padding_reads_no_pad():
+    """On the fake model, whose answer depends on everything a row has read: the short prompt [2] padded beside
+    [1, 1] gives what it gives alone (its pad is a copy of its first token: reading it would make [2, 2], which
+    goes to 7)."""
     from beam import beam_search_batch
-    model = FakeModel({(): {3: 1.0}})
-    with pytest.raises(ValueError, match="same number of tokens"):
-        beam_search_batch(model, [[1, 2], [1]])
+    model = FakeModel({(2,): {3: 0.9, 8: 0.1}, (2, 2): {7: 1.0}, (3,): {8: 1.0}, (1,): {4: 1.0}, (4,): {8: 1.0}})
+    options = dict(beam=2, max_new_tokens=4, length_penalty=0.8, no_repeat_ngram=0, eos_tokens=(8, 9))
+    alone = [beam_search(model, [1, 1], **options), beam_search(model, [2], **options)]
+    assert alone == [[4], [3]]
+    assert beam_search_batch(model, [[1, 1], [2]], **options) == alone
+    assert beam_search_batch(model, [[1, 1], [2]], use_cache=False, **options) == alone
+
+
+def test_batch_refuses_padding_that_the_block_would_cut():
+    from beam import beam_search_batch
+    model = FakeModel({(): {3: 1.0}}, block_size=8)
+    with pytest.raises(ValueError, match="decode each length apart"):
+        beam_search_batch(model, [[1, 2], [1]], max_new_tokens=7)  # [1] alone gets 7 steps, padded only 6
+    assert beam_search_batch(model, [[1, 2], [1]], beam=1, max_new_tokens=6, no_repeat_ngram=0) == [[3] * 6] * 2
     assert beam_search_batch(model, []) == []

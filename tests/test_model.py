@@ -133,6 +133,38 @@ def test_cache_in_chunks_equals_one_pass(tiny_gpt2):
     assert (torch.cat(chunks, dim=1) - full).abs().max().item() <= 1e-5
 
 
+def test_left_padded_rows_equal_each_alone(tiny_gpt2):
+    """Prompts of 9, 4 and 1 tokens left-padded to 9 on one cache (pad = 0, 5, 8), then 3 one-token steps and a
+    2-token step: every real position's logits are those of the row's tokens run alone, to 1e-5, whatever the pad
+    tokens are; and reorder moves a row's pad with its past."""
+    model = GPT.from_pretrained(tiny_gpt2).eval()
+    g = torch.Generator().manual_seed(7)
+    lengths, steps = [9, 4, 1], [1, 1, 1, 2]
+    rows = [torch.randint(0, 50257, (n + sum(steps),), generator=g) for n in lengths]
+    with torch.no_grad():
+        alone = [model(row[None])[0][0] for row in rows]  # (tokens, vocab) each
+        for pad_token in (0, 50256):
+            cache = model.new_cache(3, 9 + sum(steps) + 1, pad=[9 - n for n in lengths])
+            prompts = torch.stack([torch.cat([torch.full((9 - n,), pad_token), row[:n]]) for n, row in
+                                   zip(lengths, rows, strict=True)])
+            got = [model(prompts, cache=cache)[0]]
+            done = list(lengths)
+            for T in steps:
+                got.append(model(torch.stack([row[d:d + T] for d, row in zip(done, rows, strict=True)]),
+                                 cache=cache)[0])
+                done = [d + T for d in done]
+            got = torch.cat(got, dim=1)  # (3, 9 + 5, vocab)
+            for i, n in enumerate(lengths):
+                assert (got[i, 9 - n:] - alone[i]).abs().max().item() <= 1e-5
+        cache.reorder(torch.tensor([2, 0]))  # row 0 takes row 2's past, row 1 row 0's
+        assert cache.pad.tolist() == [8, 0, 8]
+        nxt = torch.randint(0, 50257, (2, 1), generator=g)
+        out = model(nxt, cache=cache)[0][:, -1]
+        for got_row, i in zip(out, [2, 0], strict=True):
+            expected = model(torch.cat([rows[i], nxt[[2, 0].index(i)]])[None])[0][0, -1]
+            assert (got_row - expected).abs().max().item() <= 1e-5
+
+
 def test_greedy_generate_cache_equals_no_cache_equals_transformers(tmp_path):
     hf = write_hf_gpt2(tmp_path, seed=6)
     model = GPT.from_pretrained(tmp_path).eval()
@@ -236,3 +268,31 @@ def test_fast_decode_layout_gives_the_same_model(tiny_gpt2):
     with torch.no_grad():
         assert (plain(idx)[0] - fast(idx)[0]).abs().max().item() <= 1e-5
     assert torch.equal(plain.generate(idx, 12, temperature=0), fast.generate(idx, 12, temperature=0))
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="MKL's packed GEMM needs a PyTorch built with MKL")
+def test_fast_decode_packed_weights_give_the_same_model(tiny_gpt2):
+    """tools.fast_decode's packed weights: the same parameters, the head still wte, one-token logits of the packed
+    row count (and of others, which take the plain kernel) to float rounding, the same greedy tokens; a model
+    with LoRA layers is refused."""
+    from lora import apply_lora
+    from tools.fast_decode import PackedLinear, packed_weights
+
+    plain = GPT.from_pretrained(tiny_gpt2).eval()
+    packed = packed_weights(GPT.from_pretrained(tiny_gpt2).eval(), 3)
+    assert isinstance(packed.lm_head, PackedLinear) and packed.lm_head.weight is packed.transformer.wte.weight
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * 2 + 1
+    for name, p in plain.state_dict().items():
+        assert torch.equal(p, packed.state_dict()[name]), name
+    idx = torch.randint(0, 50257, (3, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        for rows in (3, 2):  # 3: packed kernel on the cache's one-token step; 2: the plain fallback
+            logits = []
+            for model in (plain, packed):
+                cache = model.new_cache(rows, 10)
+                model(idx[:rows, :8], cache=cache)
+                logits.append(model(idx[:rows, 8:], cache=cache)[0])
+            assert (logits[0] - logits[1]).abs().max().item() <= 1e-5
+    assert torch.equal(plain.generate(idx, 12, temperature=0), packed.generate(idx, 12, temperature=0))
+    with pytest.raises(ValueError, match="merge the adapter first"):
+        packed_weights(apply_lora(GPT.from_pretrained(tiny_gpt2)), 1)
