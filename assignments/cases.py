@@ -13,6 +13,8 @@ PUBLIC = {
     "part1 KVCache.store": (1, "cache_store", dict(seed=0, batch=2, n_head=2, head_size=4, steps=[3, 1, 2])),
     "part1 attention dropout: eval mode off, train mode on the weights": (1, "attention_training", dict(
         seed=0, batch=2, n_head=2, n_embd=16, T=6, dropout=0.1)),
+    "part1 attention, left-padded prompts of 5, 2, 3 then 2 steps": (1, "attention_padded", dict(
+        seed=0, n_head=2, n_embd=16, lengths=[5, 2, 3], steps=2)),
     "part2 LoRALinear on q and v": (2, "lora_layer", dict(seed=0, in_features=16, out_features=48, rank=4,
                                                           alpha=32, slices={"q": (0, 16), "v": (32, 48)})),
     "part2 LoRALinear, rsLoRA, Gaussian A": (2, "lora_layer", dict(seed=1, in_features=24, out_features=12,
@@ -31,6 +33,8 @@ PUBLIC = {
     "part4 forward, loss, cache, one step": (4, "forward_and_step", dict(seed=0, batch=2, label_smoothing=0.0)),
     "part4 forward in train mode: dropout, label smoothing; a full cache": (4, "forward_in_training", dict(
         seed=0, batch=2, dropout=0.1, label_smoothing=0.1)),
+    "part4 forward, left-padded prompts of 4, 1, 6 then 2 steps": (4, "forward_padded", dict(
+        seed=0, lengths=[4, 1, 6], steps=2)),
     "part5 subspace similarity": (5, "similarity", dict(seed=0, d=32, r1=4, r2=6)),
     "part5 amplification": (5, "amplification", dict(seed=0, out_features=24, in_features=16, r=2)),
     "part5 i, j out of range; the random reference's seed": (5, "analysis_contract", dict(seed=0, d=16, r1=3,

@@ -141,6 +141,34 @@ def cache_store(seed, batch, n_head, head_size, steps):
     return out
 
 
+def attention_padded(seed, n_head, n_embd, lengths, steps):
+    """Prompts of different lengths left-padded on one cache (cache.pad), then one-token steps: each row's real
+    positions (a pad's output is nobody's business) against that row run alone."""
+    from model import CausalSelfAttention, KVCache
+
+    width, total = max(lengths), max(lengths) + steps
+    config = tiny_config(block_size=total + 1, n_head=n_head, n_embd=n_embd)
+    g = generator(seed)
+    attn = CausalSelfAttention(config).eval()
+    randomize(attn, g, 0.3)
+    x = torch.randn(len(lengths), total, n_embd, generator=g)  # row i: its width - n pads, then its tokens
+    out = {}
+    with torch.no_grad():
+        cache = KVCache(config, len(lengths), total, "cpu", torch.float32, pad=[width - n for n in lengths])
+        first = attn(x[:, :width], cache, 0)
+        cache.length = width
+        later = []
+        for t in range(width, total):
+            later.append(attn(x[:, t:t + 1], cache, 0))
+            cache.length = t + 1
+        padded = torch.cat([first, *later], dim=1)
+        for i, n in enumerate(lengths):
+            out[f"row {i} ({n} tokens after {width - n} pads): real positions"] = padded[i, width - n:]
+            alone = KVCache(config, 1, total, "cpu", torch.float32)
+            out[f"row {i}: the same row alone"] = attn(x[i:i + 1, width - n:], alone, 0)[0]
+    return out
+
+
 def attention_training(seed, batch, n_head, n_embd, T, dropout):
     """Attention dropout as training uses it: off in eval mode (the output is the dropout-free one, with and
     without a cache), on the attention weights in training mode. The random state is fixed right before the
@@ -424,6 +452,29 @@ def forward_and_step(seed, batch, label_smoothing, n_examples=6, **shape):
     return out
 
 
+def forward_padded(seed, lengths, steps, **shape):
+    """GPT.forward on prompts of different lengths left-padded on one cache (pad tokens are random): each row's
+    positions count from its first real token, so its real logits are those of the row alone."""
+    from model import GPT
+
+    config = tiny_config(**shape)
+    g = generator(seed)
+    model = GPT(config).eval()
+    randomize(model, g, 0.3)
+    width = max(lengths)
+    idx = torch.randint(0, config.vocab_size, (len(lengths), width + steps), generator=g)
+    out = {}
+    with torch.no_grad():
+        cache = model.new_cache(len(lengths), width + steps, pad=[width - n for n in lengths])
+        logits = [model(idx[:, :width], cache=cache)[0]]
+        logits += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(width, width + steps)]
+        logits = torch.cat(logits, dim=1)
+        for i, n in enumerate(lengths):
+            out[f"row {i} ({n} tokens after {width - n} pads): real logits"] = logits[i, width - n:]
+        out["cache.length"] = cache.length
+    return out
+
+
 def forward_in_training(seed, batch, dropout, label_smoothing, **shape):
     """GPT.forward as training uses it: with dropout and label smoothing in train mode (the random state fixed
     right before the call, so the masks are the same for every correct solution), dropout off in eval mode,
@@ -522,9 +573,9 @@ def analysis_contract(seed, d, r1, r2):
 
 
 CHECKS = {f.__name__: f for f in (loading, loading_for_training, attention, cache_store, attention_training,
-                                  lora_layer, lora_training, placement, table5, placement_in_use, batching,
-                                  forward_and_step, forward_in_training, similarity, amplification,
-                                  analysis_contract)}
+                                  attention_padded, forward_padded, lora_layer, lora_training, placement, table5,
+                                  placement_in_use, batching, forward_and_step, forward_in_training, similarity,
+                                  amplification, analysis_contract)}
 
 # ----------------------------------------------------------------------------------------------------------
 # Running a case and comparing its numbers.

@@ -11,6 +11,8 @@ HELDOUT = {
                                                                       prompt=3, chunks=[2, 3, 1], layer=0)),
     "part1 held-out: a prompt of 1, then 5 at once": (1, "attention", dict(seed=6, batch=1, n_head=1, n_embd=8,
                                                                             prompt=1, chunks=[5, 2])),
+    "part1 held-out: left-padded prompts of 1, 6, 4 then 3 steps, 4 heads": (1, "attention_padded", dict(
+        seed=7, n_head=4, n_embd=24, lengths=[1, 6, 4], steps=3)),
     "part1 held-out: KVCache.store": (1, "cache_store", dict(seed=3, batch=1, n_head=3, head_size=2, steps=[1, 4])),
     "part1 held-out: attention dropout 0.3, 4 heads": (1, "attention_training", dict(
         seed=4, batch=1, n_head=4, n_embd=24, T=7, dropout=0.3)),
@@ -29,6 +31,8 @@ HELDOUT = {
     "part3 held-out: bfloat16 model, o and mlp": (3, "placement_in_use", dict(
         seed=5, rank=2, alpha=4, dropout=0.05, targets=("mlp", "o"), dtype="bfloat16", n_layer=1, n_head=2,
         n_embd=8)),
+    "part4 held-out: left-padded prompts of 2, 7, 7, 3 then 3 steps, 3 layers": (4, "forward_padded", dict(
+        seed=4, lengths=[2, 7, 7, 3], steps=3, n_layer=3)),
     "part4 held-out: make_batch padded to 8": (4, "batching", dict(seed=9, n_examples=11, pad_to=8)),
     "part4 held-out: label smoothing, 3 layers": (4, "forward_and_step", dict(seed=3, batch=3, label_smoothing=0.1,
                                                                               n_layer=3, n_head=4, n_embd=24)),

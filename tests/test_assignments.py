@@ -127,7 +127,11 @@ ALTERNATIVE = {
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hs)
         query = torch.arange(past, past + T, device=x.device)[:, None]
         key = torch.arange(k.shape[2], device=x.device)[None, :]
-        weights = scores.masked_fill(key > query, float("-inf")).softmax(dim=-1)
+        hidden = key > query
+        if cache is not None and cache.pad is not None:  # a real token skips the pads; a pad sees only itself
+            pad = cache.pad[:B].view(B, 1, 1, 1)
+            hidden = hidden | ((key < pad) & (query >= pad)) | ((query < pad) & (key != query))
+        weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
         weights = F.dropout(weights, self.attn_dropout, self.training)
         y = torch.einsum("bhqk,bhkd->bqhd", weights, v).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -138,7 +142,10 @@ ALTERNATIVE = {
         past = cache.length if cache is not None else 0
         if T + past > self.config.block_size:
             raise ValueError("too long")
-        h = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(T, device=idx.device) + past)
+        positions = torch.arange(T, device=idx.device).expand(B, T) + past
+        if cache is not None and cache.pad is not None:
+            positions = torch.maximum(positions - cache.pad[:B].unsqueeze(1), torch.zeros_like(positions))
+        h = self.transformer.wte(idx) + self.transformer.wpe(positions)
         h = self.transformer.drop(h)
         for i in range(self.config.n_layer):
             h = self.transformer.h[i](h, cache, i)
