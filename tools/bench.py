@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beam import NEWLINES, beam_search, beam_search_batch, length_groups
+from beam import NEWLINES, beam_search, beam_search_batch, prompt_batches
 from data import tasks
 from data.e2e import batches, prepare
 from data.tasks import EOT
@@ -55,7 +55,7 @@ from model import GPT
 from plumbing.device import compile_for_training
 from plumbing.errors import UserError
 from plumbing.hf_checkpoint import PRETRAINED
-from tools.fast_decode import transposed_weights
+from tools.fast_decode import packed_weights, transposed_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"  # the read-only E2E CSVs and tiktoken files, where present
@@ -629,10 +629,15 @@ def section_generation(ws):
     limit = bandwidth / n_bytes  # tokens/s at batch 1 if the weights streamed at the rate a sum reads memory
     for batch in (1, BATCH_SIZE):
         prompts = same_length_prompts(ws.split, batch).to(ws.device)
+        packed = None  # the other opt-in: MKL's packed GEMM for `batch` rows, where this PyTorch has MKL
+        if ws.device == "cpu" and torch.backends.mkl.is_available():
+            packed = packed_weights(GPT.from_pretrained(folder).eval(), batch)
         runners = {"KV cache": greedy_runner(ours, prompts, ws), "transformers": greedy_runner(hf, prompts, ws),
                    "fast_decode": greedy_runner(fast, prompts, ws), "bf16": greedy_runner(ours16, prompts, ws),
                    "transformers bf16": greedy_runner(hf16, prompts, ws),
                    "no cache": greedy_runner(ours, prompts, ws, use_cache=False)}
+        if packed is not None:
+            runners["packed"] = greedy_runner(packed, prompts, ws)
         # The no-cache path reruns the whole sequence every step: at batch 8 one run takes ~100 s on 2 CPU cores,
         # so there it runs in one round only (its margin is large); the other two run in every round.
         slow_rounds = ws.repeats if batch == 1 or ws.device.startswith("cuda") else 1
@@ -650,6 +655,11 @@ def section_generation(ws):
         rows.append(dict(what=f"batch {batch}: tools.fast_decode's transposed layout (opt-in) vs the plain KV "
                               f"cache, new tokens/s", ours=speed["fast_decode"], theirs=speed["KV cache"],
                          ratio=paired_ratios(times["KV cache"], times["fast_decode"])))
+        if packed is not None:
+            rows.append(dict(what=f"batch {batch}: tools.fast_decode's packed weights (opt-in, MKL packed GEMM for "
+                                  f"{batch} rows) vs transformers generate, new tokens/s", ours=speed["packed"],
+                             theirs=speed["transformers"], ratio=paired_ratios(times["transformers"], times["packed"]),
+                             target=(">=", 1.5)))
         rows.append(dict(what=f"batch {batch}: bf16 weights (sample.py --dtype bf16) vs transformers in bf16, new "
                               f"tokens/s", ours=speed["bf16"], theirs=speed["transformers bf16"],
                          ratio=paired_ratios(times["transformers bf16"], times["bf16"])))
@@ -659,15 +669,16 @@ def section_generation(ws):
             rows.append(dict(what=f"batch 1: bf16 weights vs their memory-bandwidth limit ({bandwidth / 1e9:.1f} GB/s "
                                   f"/ {n_bytes / 2e6:.0f} MB per token), tokens/s", ours=speed["bf16"],
                              theirs=2 * limit, ratio=speed["bf16"] / (2 * limit)))
-            for name in ("KV cache", "fast_decode"):
+            for name in ("KV cache", "fast_decode") + (("packed",) if packed is not None else ()):
                 rows.append(dict(what=f"batch 1: {name} vs the memory-bandwidth limit ({bandwidth / 1e9:.1f} GB/s / "
                                       f"{n_bytes / 1e6:.0f} MB per token), tokens/s", ours=speed[name],
                                  theirs=limit, ratio=speed[name] / limit, target=(">=", 0.7)))
         same = {name: "yes" if torch.equal(outputs[name], outputs["KV cache"]) else "NO"
-                for name in ("transformers", "no cache", "fast_decode")}
+                for name in ("transformers", "no cache", "fast_decode", "packed") if name in outputs}
         notes.append(f"batch {batch}: the same greedy tokens as our KV cache path: transformers "
                      f"{same['transformers']}, our no-cache path {same['no cache']}, fast_decode "
-                     f"{same['fast_decode']}; bf16 weights the same as transformers in bf16: "
+                     f"{same['fast_decode']}, packed {same.get('packed', 'not run (no MKL)')}; bf16 weights the "
+                     f"same as transformers in bf16: "
                      f"{'yes' if torch.equal(outputs['bf16'], outputs['transformers bf16']) else 'NO'}.")
     length = same_length_prompts(ws.split, 1).size(1)
     notes.insert(0, f"greedy, {ws.new_tokens} new tokens after {length}-token prompts ({ws.data_name}: distinct "
@@ -705,8 +716,9 @@ def beam_prompts(ws, count):
 
 def beam_runners(ours, hf, prompts, options):
     """function(i) -> the answers (lists of new tokens) for every prompt: our batched decoding as eval.py runs it
-    (length groups of BEAM_BATCH), our one-prompt loop, and transformers' beam generate on the same groups."""
-    groups = length_groups(prompts, BEAM_BATCH)
+    (left-padded batches of BEAM_BATCH), our one-prompt loop, and transformers' beam generate on the same
+    batches, left-padded with an attention mask."""
+    groups = prompt_batches(prompts, BEAM_BATCH, options["max_new_tokens"], ours.config.block_size)
 
     def batched(i):
         answers = [None] * len(prompts)
@@ -721,9 +733,11 @@ def beam_runners(ours, hf, prompts, options):
     def transformers_generate(i):
         answers = [None] * len(prompts)
         for group in groups:
-            x = torch.tensor([prompts[j] for j in group])
+            width = max(len(prompts[j]) for j in group)
+            x = torch.tensor([[EOT] * (width - len(prompts[j])) + prompts[j] for j in group])
+            mask = torch.tensor([[0] * (width - len(prompts[j])) + [1] * len(prompts[j]) for j in group])
             with torch.no_grad():
-                out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), num_beams=options["beam"],
+                out = hf.generate(input_ids=x, attention_mask=mask, num_beams=options["beam"],
                                   no_repeat_ngram_size=options["no_repeat_ngram"], do_sample=False,
                                   length_penalty=options["length_penalty"], max_new_tokens=options["max_new_tokens"],
                                   eos_token_id=[EOT, NEWLINES], pad_token_id=EOT)
@@ -767,7 +781,7 @@ def section_beam(ws):
         f"{options['length_penalty']}, no repeated {options['no_repeat_ngram']}-gram, on the tiny model "
         f"({SHAPES['tiny']}, vocabulary 50,257, random weights: few hypotheses end, so nearly every step runs), "
         f"fp32 on the CPU; median of {rounds} alternated round(s).",
-        f"batched: beam.beam_search_batch on groups of at most {BEAM_BATCH} prompts of the same length "
+        f"batched: beam.beam_search_batch on batches of {BEAM_BATCH} prompts, shortest first, left-padded "
         f"(eval.py --beam_batch {BEAM_BATCH}); one by one: beam.beam_search per MR (eval.py's loop before).",
         f"the same answers batched as one by one: {same} of {len(prompts)} MRs. transformers' generate(num_beams, "
         f"no_repeat_ngram_size, length_penalty, eos [50256, 628]) follows its own rules (2 x beam candidates, the "
