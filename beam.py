@@ -208,7 +208,7 @@ def best_candidates(logits, scores, owner, n_prompts, beam):
     # A row's own k best hold every one of its candidates that can be among its prompt's k best, and adding the
     # row's score keeps their order: so select within each row first (rows x k, before the sum over rows x vocab),
     # then among the prompt's rows (beam x k).
-    top_log_probs, row_tokens = F.log_softmax(logits, dim=-1).topk(k, dim=-1)
+    top_log_probs, row_tokens = top_k_per_row(F.log_softmax(logits, dim=-1), k)
     row_scores = scores[:, None] + top_log_probs
     slot = torch.arange(rows, device=logits.device) - first_rows(owner, n_prompts)[owner]
     padded = logits.new_full((n_prompts, beam, k), float("-inf"))
@@ -220,6 +220,26 @@ def best_candidates(logits, scores, owner, n_prompts, beam):
     padded, keys = padded.gather(1, by_key), keys.gather(1, by_key)
     order = padded.sort(dim=1, descending=True, stable=True).indices[:, :beam]
     return padded.gather(1, order), keys.gather(1, order)
+
+
+def top_k_per_row(x, k, block=64):
+    """x.topk(k, dim=-1) of a (rows, n) tensor (the same values, and the same indices but for which of equal
+    values at the k-th place is taken), in two cheap passes: the maximum of
+    each block of `block` columns, then topk over the k blocks with the largest maxima (and the columns after the
+    last whole block). A row's k largest lie in at most k blocks, each of whose maximum is at least the k-th
+    largest, so those blocks hold them all. Over GPT-2's 50,257 tokens it is about 3x faster than one topk, which
+    was a third of a beam step on the CPU (tools/bench.py, section 6)."""
+    rows, n = x.shape
+    whole = n // block
+    if whole < k:
+        return x.topk(k, dim=-1)
+    blocks = x[:, :whole * block].view(rows, whole, block)
+    chosen = blocks.amax(dim=-1).topk(k, dim=-1).indices  # (rows, k): the blocks that hold the k largest
+    columns = chosen[:, :, None] * block + torch.arange(block, device=x.device)  # (rows, k, block)
+    columns = torch.cat([columns.view(rows, -1), torch.arange(whole * block, n, device=x.device).expand(rows, -1)],
+                        dim=1)
+    values, at = x.gather(1, columns).topk(k, dim=-1)
+    return values, columns.gather(1, at)
 
 
 def ban_repeated_ngrams(logits, generated, n):

@@ -316,6 +316,25 @@ def test_ban_repeated_ngrams_equals_the_plain_rule():
             assert set(torch.nonzero(row == float("-inf")).flatten().tolist()) == plain_bans(tokens, n)
 
 
+def test_top_k_per_row_equals_topk():
+    """Distinct values: topk's values and indices exactly, for widths with and without a partial last block and
+    a width under k blocks. Many equal values and -inf rows: the same values, each index pointing at its value."""
+    from beam import top_k_per_row
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(50257, 10), (640, 10), (700, 3), (100, 4), (12, 5), (1000, 1)]:
+        x = torch.randn(7, n, generator=g)
+        values, indices = top_k_per_row(x, k)
+        expected = x.topk(k, dim=-1)
+        assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices)
+    x = torch.randint(0, 5, (6, 3000), generator=g).float()  # ties everywhere
+    x[0] = float("-inf")
+    x[1, 7:] = float("-inf")  # fewer finite values than k
+    values, indices = top_k_per_row(x, 10)
+    assert torch.equal(values, x.topk(10, dim=-1).values)
+    assert torch.equal(x.gather(1, indices), values) and all(len(set(row)) == 10 for row in indices.tolist())
+    assert set(indices[1, :7].tolist()) == set(range(7))
+
+
 def test_prompt_batches():
     from beam import prompt_batches
     prompts = [[1] * 3, [1] * 5, [2] * 3, [3] * 3, [2] * 5, [4] * 3, [1] * 7, [1] * 7, [1] * 6]
