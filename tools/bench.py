@@ -11,7 +11,8 @@ no-cache path vs transformers' generate); 4. forward latency of the base vs merg
 5. (CUDA, or any device given --peak_tflops) MFU and an E2E epoch-time estimate for GPT-2 medium; 6. beam search
 over 64 E2E test MRs (eval.py's batched decoding vs one MR at a time vs transformers' beam generate), tiny model.
 Section 3 also measures the memory-read bandwidth and the batch-1 fraction of its limit, and times the opt-in
-layout of tools/fast_decode.py beside the plain cache.
+layouts of tools/fast_decode.py (transposed, packed) beside the plain cache; with --compile, also a decode step
+compiled by torch.compile.
 
 How it measures, so that the ratios mean something:
   - the same weights: a random transformers GPT2LMHeadModel (dropout 0) is saved to a temporary folder and both
@@ -638,6 +639,10 @@ def section_generation(ws):
                    "no cache": greedy_runner(ours, prompts, ws, use_cache=False)}
         if packed is not None:
             runners["packed"] = greedy_runner(packed, prompts, ws)
+        if ws.args.compile:  # torch.compile of the whole forward, one graph for every cache length (dynamic)
+            compiled = GPT.from_pretrained(folder).to(ws.device).eval()
+            compiled.forward = torch.compile(compiled.forward, dynamic=True)
+            runners["compiled"] = greedy_runner(compiled, prompts, ws)
         # The no-cache path reruns the whole sequence every step: at batch 8 one run takes ~100 s on 2 CPU cores,
         # so there it runs in one round only (its margin is large); the other two run in every round.
         slow_rounds = ws.repeats if batch == 1 or ws.device.startswith("cuda") else 1
@@ -660,6 +665,10 @@ def section_generation(ws):
                                   f"{batch} rows) vs transformers generate, new tokens/s", ours=speed["packed"],
                              theirs=speed["transformers"], ratio=paired_ratios(times["transformers"], times["packed"]),
                              target=(">=", 1.5)))
+        if "compiled" in runners:
+            rows.append(dict(what=f"batch {batch}: torch.compile(forward, dynamic=True) vs the plain KV cache, new "
+                                  f"tokens/s", ours=speed["compiled"], theirs=speed["KV cache"],
+                             ratio=paired_ratios(times["KV cache"], times["compiled"])))
         rows.append(dict(what=f"batch {batch}: bf16 weights (sample.py --dtype bf16) vs transformers in bf16, new "
                               f"tokens/s", ours=speed["bf16"], theirs=speed["transformers bf16"],
                          ratio=paired_ratios(times["transformers bf16"], times["bf16"])))
@@ -674,10 +683,11 @@ def section_generation(ws):
                                       f"{n_bytes / 1e6:.0f} MB per token), tokens/s", ours=speed[name],
                                  theirs=limit, ratio=speed[name] / limit, target=(">=", 0.7)))
         same = {name: "yes" if torch.equal(outputs[name], outputs["KV cache"]) else "NO"
-                for name in ("transformers", "no cache", "fast_decode", "packed") if name in outputs}
+                for name in ("transformers", "no cache", "fast_decode", "packed", "compiled") if name in outputs}
         notes.append(f"batch {batch}: the same greedy tokens as our KV cache path: transformers "
                      f"{same['transformers']}, our no-cache path {same['no cache']}, fast_decode "
-                     f"{same['fast_decode']}, packed {same.get('packed', 'not run (no MKL)')}; bf16 weights the "
+                     f"{same['fast_decode']}, packed {same.get('packed', 'not run (no MKL)')}"
+                     f"{', compiled ' + same['compiled'] if 'compiled' in same else ''}; bf16 weights the "
                      f"same as transformers in bf16: "
                      f"{'yes' if torch.equal(outputs['bf16'], outputs['transformers bf16']) else 'NO'}.")
     length = same_length_prompts(ws.split, 1).size(1)
@@ -734,8 +744,10 @@ def beam_runners(ours, hf, prompts, options):
         answers = [None] * len(prompts)
         for group in groups:
             width = max(len(prompts[j]) for j in group)
-            x = torch.tensor([[EOT] * (width - len(prompts[j])) + prompts[j] for j in group])
-            mask = torch.tensor([[0] * (width - len(prompts[j])) + [1] * len(prompts[j]) for j in group])
+            device = hf.device
+            x = torch.tensor([[EOT] * (width - len(prompts[j])) + prompts[j] for j in group], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[j])) + [1] * len(prompts[j]) for j in group],
+                                device=device)
             with torch.no_grad():
                 out = hf.generate(input_ids=x, attention_mask=mask, num_beams=options["beam"],
                                   no_repeat_ngram_size=options["no_repeat_ngram"], do_sample=False,
@@ -752,8 +764,8 @@ def section_beam(ws):
     """6. Beam search over many MRs (eval.py's decoding) vs our one-prompt loop and transformers' beam generate."""
     transformers, _ = quiet_transformers()
     folder = ws.checkpoint("tiny")
-    ours = GPT.from_pretrained(folder).eval()
-    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    ours = GPT.from_pretrained(folder).to(ws.device).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).to(ws.device).eval()
     count = 8 if ws.args.quick else BEAM_MRS
     options = dict(BEAM, max_new_tokens=8 if ws.args.quick else BEAM["max_new_tokens"])
     prompts, source = beam_prompts(ws, count)
@@ -764,7 +776,7 @@ def section_beam(ws):
     outputs = {}
     sides = {name: (lambda i, name=name: outputs.__setitem__(name, runners[name](i))) for name in runners}
     rounds = 1 if ws.args.quick else min(ws.repeats, 2)
-    times = alternate(sides, rounds, 0, "cpu")
+    times = alternate(sides, rounds, 0, ws.device)
     speed = {name: len(prompts) / statistics.median(t) for name, t in times.items()}
     rows = [
         dict(what=f"{len(prompts)} MRs: batched ({BEAM_BATCH} MRs a forward) vs one MR at a time, MRs/s",
@@ -780,7 +792,7 @@ def section_beam(ws):
         f"{source}, beam {options['beam']}, {options['max_new_tokens']} new tokens, length penalty "
         f"{options['length_penalty']}, no repeated {options['no_repeat_ngram']}-gram, on the tiny model "
         f"({SHAPES['tiny']}, vocabulary 50,257, random weights: few hypotheses end, so nearly every step runs), "
-        f"fp32 on the CPU; median of {rounds} alternated round(s).",
+        f"fp32 on {ws.device}; median of {rounds} alternated round(s).",
         f"batched: beam.beam_search_batch on batches of {BEAM_BATCH} prompts, shortest first, left-padded "
         f"(eval.py --beam_batch {BEAM_BATCH}); one by one: beam.beam_search per MR (eval.py's loop before).",
         f"the same answers batched as one by one: {same} of {len(prompts)} MRs. transformers' generate(num_beams, "
@@ -923,7 +935,8 @@ def parse_args(argv=None):
                    help="which sections to run (default 1-4 and 6, and 5 on CUDA or with --peak_tflops)")
     p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, 16 new tokens: a smoke test")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (the median is reported)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both sides' training (section 1, 5)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both sides' training (section 1, 5), and a "
+                   "compiled decode step beside the plain one (section 3)")
     p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s for MFU")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process "
                    "may use)")

@@ -2,7 +2,7 @@
 
     pip install -r requirements-dev.txt
     python -m tools.gpu_check                 # on one CUDA GPU: about 5 minutes on an H200, at most 8
-    python -m tools.gpu_check --skip_bench    # without bench.py's section 5
+    python -m tools.gpu_check --skip_bench    # without bench.py's sections 3, 5 and 6
     python -m tools.gpu_check --dry_run       # the CPU dry run (what it does where there is no CUDA)
 
 The checks, each PASS or FAIL with its numbers:
@@ -14,7 +14,7 @@ The checks, each PASS or FAIL with its numbers:
      lengths: compilations stay bounded and the losses equal eager's (fp32);
   5. speed: GPT-2 medium's shape (random weights: no checkpoint needed), LoRA r=4 on q, v, batch 8 of E2E-like
      lengths, bf16: eager vs compiled step time, the paper's full run estimated from it, and MFU;
-  6. bench.py's CUDA section (python -m tools.bench --device cuda --sections 5), as a subprocess.
+  6. bench.py on CUDA (python -m tools.bench --device cuda --sections 3 5 6), as a subprocess.
 Without CUDA it says so, runs checks 1-5 on tiny shapes on the CPU (torch.compile with the eager backend:
 dynamo's graphs and compilation count are the same, and inductor takes minutes to compile there), so that this
 script is itself tested, and exits 0 if they pass.
@@ -325,9 +325,10 @@ def check_speed(plan, tmp):
 
 
 def check_bench(plan, tmp):
-    """bench.py's CUDA section, in its own process (it sets its own threads and compile options)."""
-    command = [sys.executable, "-m", "tools.bench", "--device", "cuda", "--sections", "5"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """bench.py on CUDA, in its own process (it sets its own threads and compile options): section 3 (greedy
+    decoding and the fraction of the memory-bandwidth limit), 5 (MFU, an E2E epoch) and 6 (batched beam search)."""
+    command = [sys.executable, "-m", "tools.bench", "--device", "cuda", "--sections", "3", "5", "6"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     output = (done.stdout + ("" if done.returncode == 0 else done.stderr[-3000:])).strip()
     return done.returncode == 0, f"{' '.join(command[1:])}: exit {done.returncode}\n" + "\n".join(
         "      " + line for line in output.splitlines())
@@ -344,7 +345,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="The checks that need a CUDA GPU, with one report (PASS/FAIL and "
                                 "numbers). Without CUDA: a short CPU dry run on tiny shapes.")
     p.add_argument("--dry_run", action="store_true", help="the CPU dry run even where there is CUDA")
-    p.add_argument("--skip_bench", action="store_true", help="leave out bench.py's section 5")
+    p.add_argument("--skip_bench", action="store_true", help="leave out bench.py's sections 3, 5 and 6")
     p.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run these checks only")
     return p.parse_args(argv)
 
