@@ -49,7 +49,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
-        self.pad = None if pad is None else torch.as_tensor(pad, device=device)
+        self.pad = None if pad is None else torch.as_tensor(pad, device=device).long().clone()  # reorder edits it
 
     def store(self, layer, k, v):
         """Write this step's k, v (B, nh, T, hs) after the past ones; return all keys and values so far."""
