@@ -7,6 +7,8 @@ and on a fine-tuned model these choices change which sentence comes out (and so 
 states each rule and says where in gpt2_beam.py it comes from.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -125,10 +127,8 @@ def beam_search_batch(model, prompts, beam=10, max_new_tokens=64, length_penalty
     prompt_pad = width - torch.tensor(lengths, device=device) if padded else None
 
     def new_cache(owner, positions):
-        """A cache with one row per entry of owner, the prompt whose pad that row has."""
-        if not padded:
-            return model.new_cache(owner.numel(), positions)
-        return model.new_cache(owner.numel(), positions, pad=prompt_pad[owner])
+        """A cache with one row per entry of owner, each with the pad of its prompt (None: no padding)."""
+        return model.new_cache(owner.numel(), positions, pad=None if prompt_pad is None else prompt_pad[owner])
 
     # The live hypotheses of all prompts are the rows, grouped by prompt, best first within a prompt.
     owner = torch.arange(n_prompts, device=device)  # the prompt each row belongs to
@@ -141,11 +141,9 @@ def beam_search_batch(model, prompts, beam=10, max_new_tokens=64, length_penalty
     cache = new_cache(owner.repeat(beam), width + max_new_tokens) if use_cache else None
     step_input = prompt_rows  # the first step reads each prompt, once (rule 2)
     for step in range(max_new_tokens):
-        if use_cache or not padded:
-            logits = model(step_input, cache=cache)[0]
-        else:  # no cache, but left padding: every whole sequence again, on an empty cache that knows the pads
-            logits = model(step_input, cache=new_cache(owner, step_input.size(1)))[0]
-        logits = logits[:, -1, :].float()  # (rows, vocab): next-token logits
+        # without the cache, every whole sequence runs again, on an empty cache (which only knows the pads)
+        step_cache = cache if use_cache else new_cache(owner, step_input.size(1))
+        logits = model(step_input, cache=step_cache)[0][:, -1, :].float()  # (rows, vocab): next-token logits
         if no_repeat_ngram > 0:  # rules 3 and 4: ban on the logits, so the softmax renormalises the others
             ban_repeated_ngrams(logits, generated, no_repeat_ngram)
         top_scores, top_keys = best_candidates(logits, scores, owner, n_prompts, beam)
@@ -224,11 +222,11 @@ def best_candidates(logits, scores, owner, n_prompts, beam):
 
 def top_k_per_row(x, k, block=64):
     """x.topk(k, dim=-1) of a (rows, n) tensor (the same values, and the same indices but for which of equal
-    values at the k-th place is taken), in two cheap passes: the maximum of
-    each block of `block` columns, then topk over the k blocks with the largest maxima (and the columns after the
-    last whole block). A row's k largest lie in at most k blocks, each of whose maximum is at least the k-th
-    largest, so those blocks hold them all. Over GPT-2's 50,257 tokens it is about 3x faster than one topk, which
-    was a third of a beam step on the CPU (tools/bench.py, section 6)."""
+    values at the k-th place is taken), in two cheap passes: the maximum of each block of `block` columns, then
+    topk over the k blocks with the largest maxima (and the columns after the last whole block). A row's k largest
+    lie in at most k blocks, each of whose maximum is at least the k-th largest, so those blocks hold them all.
+    Over GPT-2's 50,257 tokens it is about 3x faster than one topk, which was a third of a beam step on the CPU
+    (tools/bench.py, section 6)."""
     rows, n = x.shape
     whole = n // block
     if whole < k:
@@ -261,11 +259,12 @@ def prompt_batches(prompts, batch_size, max_new_tokens, block_size):
     """Lists of indices into prompts, at most batch_size each, for beam_search_batch: the prompts by length,
     shortest first, so that a batch pads little. A prompt too long to leave max_new_tokens positions before
     block_size (its answer is cut there) goes only with prompts of its own length, as padding would cut it more."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # stable: equal lengths keep their order
-    fits = [i for i in order if len(prompts[i]) + max_new_tokens <= block_size]
-    runs = [fits]
-    for i in order[len(fits):]:  # the long ones, by length
-        if len(runs) == 1 or len(prompts[runs[-1][0]]) != len(prompts[i]):
-            runs.append([])
-        runs[-1].append(i)
-    return [run[start:start + batch_size] for run in runs for start in range(0, len(run), batch_size)]
+    def group(i):  # 0 for every prompt that leaves room; a too-long prompt's own length otherwise
+        return 0 if len(prompts[i]) + max_new_tokens <= block_size else len(prompts[i])
+
+    order = sorted(range(len(prompts)), key=lambda i: (group(i), len(prompts[i])))  # stable: ties keep their order
+    batches = []
+    for _, run in itertools.groupby(order, key=group):
+        run = list(run)
+        batches += [run[start:start + batch_size] for start in range(0, len(run), batch_size)]
+    return batches
