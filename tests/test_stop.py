@@ -5,6 +5,9 @@ an uninterrupted run's); the sweep passes the signal to its train.py and resumes
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 import lora
 import train
 from checkpoints import run
+from plumbing import stopping
 from plumbing.files import load_safetensors
 
 pytestmark = pytest.mark.tokenizer  # these tests tokenize text (see conftest.py)
@@ -157,3 +161,69 @@ def test_ctrl_c_anywhere_in_a_step_resumes_bit_for_bit(point, whole_run, tiny_gp
     assert code == 130
     assert saved == (2 if point in ("forward", "backward") else 3)
     assert differences(whole_run, tmp_path / "run") == (0, 0.0, 0.0)
+
+
+def wait_for(path, process, seconds=240):
+    """Wait until path exists (the first checkpoint of a run) while process runs."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"the process ended ({process.returncode}) before {path} was made"
+        assert time.monotonic() < deadline, f"no {path} after {seconds} s"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_train_py_saves_exits_130_and_resumes_bit_for_bit(sig, whole_run, tiny_gpt2, e2e_small,
+                                                                      tmp_path):
+    """A real signal to a real `python train.py`, wherever it lands after the first checkpoint: exit status 130,
+    no traceback, a checkpoint of a complete step, and --resume gives the uninterrupted run's losses and adapter."""
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "train.py", *args_for(tiny_gpt2, e2e_small, out)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(out / "ckpt.pt", process)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted: saving step" in stdout + stderr
+    saved = torch.load(out / "ckpt.pt", weights_only=False)["step"]
+    assert 1 <= saved <= 5 and [line["step"] for line in read_log(out)] == list(range(1, saved + 1))
+    train.main(args_for(tiny_gpt2, e2e_small, out, "--resume"))
+    assert differences(whole_run, out) == (0, 0.0, 0.0)
+
+
+def test_sigint_to_the_sweep_alone_stops_its_train_py_which_saves_and_is_resumed(tiny_gpt2, e2e_small, tmp_path):
+    """`kill -INT` to the sweep's process only (not its group): the sweep passes it to train.py, waits for it to save
+    and exits 130; run again, the sweep resumes that setting from its saved step (its first lines are kept as they
+    were, timings included) and ends where an uninterrupted train.py does."""
+    from tools import sweep
+
+    common = ["--model", str(tiny_gpt2), *COMMON, "--max_iters", "12", "--eval_interval", "2"]
+    sweep_args = ["ranks", "--ranks", "1", "--no_eval", "--out", str(tmp_path / "sweep"), "--data", str(e2e_small),
+                  "--", *common]
+    run_folder = tmp_path / "sweep" / "r1"
+    process = subprocess.Popen([sys.executable, "-m", "tools.sweep", *sweep_args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(run_folder / "ckpt.pt", process)
+    os.kill(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted: saving step" in stdout + stderr
+    saved = torch.load(run_folder / "ckpt.pt", weights_only=False)["step"]
+    assert 2 <= saved < 12
+    before = read_log(run_folder)
+
+    rows = sweep.main(sweep_args)
+    after = read_log(run_folder)
+    assert rows[0]["steps"] == "12/12" and after[:saved] == before[:saved]
+    train.main(["--rank", "1", "--out", str(tmp_path / "alone"), "--data", str(e2e_small), *common])
+    assert differences(tmp_path / "alone", run_folder) == (0, 0.0, 0.0)
+
+
+def test_a_deferred_block_delivers_its_signal_when_it_ends():
+    """deferred(): a SIGINT inside comes out as KeyboardInterrupt after the block's last line, not in the middle."""
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with stopping.deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("after the signal")
+    assert done == ["after the signal"]
