@@ -124,17 +124,18 @@ def saved_step(out):
 def diverged(loss, step, out, dtype):
     """The error for a loss that became `loss` (NaN or infinite) at step `step` (from 1): what is left, what to try.
     Step 1 comes before any update (B = 0): the base model alone gave that loss, so the learning rate is not the
-    cause. The half-precision dtypes overflow where fp32 does not: --dtype fp32 is suggested only to those."""
-    half = "" if dtype == torch.float32 else " or --dtype fp32"
+    cause. Only the half-precision dtypes overflow where fp32 would not: --dtype fp32 is suggested to those alone."""
+    half = dtype != torch.float32
     saved = saved_step(out)
     kept = (f"the last good checkpoint in {out} (step {saved}) is intact (nothing non-finite is ever saved)"
-            if saved is not None else f"nothing was saved to {out}")
+            if saved is not None else "nothing was saved")
     if step == 1:
-        cause = ("the base model's weights hold NaN or infinite numbers" if dtype == torch.float32 else
-                 f"the base model overflows {str(dtype).removeprefix('torch.')}, or its weights are not finite")
-        return UserError(f"the loss became {loss} at step 1, before any update: {cause}; {kept}. Check --model"
-                         f"{half}")
-    return UserError(f"the loss became {loss} at step {step}; {kept}. Try a lower --lr{half}")
+        cause = (f"it may overflow {str(dtype).removeprefix('torch.')} (try --dtype fp32), or --model's weights are "
+                 "not all finite" if half else "check that --model's weights are all finite")
+        return UserError(f"the loss became {loss} at step 1, before any update, so the base model itself gives it: "
+                         f"{cause}; {kept}")
+    return UserError(f"the loss became {loss} at step {step}; {kept}. Try a lower --lr" +
+                     (" or --dtype fp32" if half else ""))
 
 
 def load_checkpoint(path, args, run_defining):
