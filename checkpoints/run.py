@@ -108,7 +108,8 @@ def resume(out, model, opt, scaler, args, run_defining):
         for name, tensor in lora_state_dict(model).items():
             tensor.copy_(state["lora"][name])
     opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    if state.get("scaler"):  # empty unless the run was in fp16; a run that was not starts fp16's scale afresh
+        scaler.load_state_dict(state["scaler"])
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][:state["step"]]
     require(len(log) == state["step"], f"{out / 'log.jsonl'} has {len(log)} steps, fewer than the {state['step']} "
             f"of {out / 'ckpt.pt'}: it does not belong to this checkpoint")

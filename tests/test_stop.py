@@ -227,3 +227,13 @@ def test_a_deferred_block_delivers_its_signal_when_it_ends():
             os.kill(os.getpid(), signal.SIGINT)
             done.append("after the signal")
     assert done == ["after the signal"]
+
+
+def test_a_notebook_calling_train_gets_a_catchable_keyboard_interrupt(tiny_gpt2, e2e_small, tmp_path):
+    """train.train (no script around it, as in a notebook): the kernel's interrupt (a SIGINT) comes out as
+    KeyboardInterrupt, which the caller can catch, after the run was saved at its last complete step."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        Interrupter(monkeypatch, "forward", step=2)
+        with pytest.raises(KeyboardInterrupt):
+            train.train(train.parse_args(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--max_iters", "3")))
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=False)["step"] == 1
