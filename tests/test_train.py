@@ -46,7 +46,7 @@ def test_thirty_steps_lower_the_dev_loss_and_leave_the_base_untouched(tiny_gpt2,
 
 def test_resume_continues_exactly(tiny_gpt2, e2e_small, tmp_path):
     """Stop after step 5 and resume to 10: steps 6-10 log the losses of one uninterrupted 10-step run
-    (dropout is on, so the RNG state must be restored too)."""
+    (dropout is on: each step draws its masks from its own seed, so a resumed step draws the same ones)."""
     common = ["--max_iters", "10", "--eval_interval", "5", "--dropout", "0.1"]
     train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "whole", *common))
     train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "split", *common, "--stop_after", "5"))
