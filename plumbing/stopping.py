@@ -21,21 +21,21 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def _handled(handler):
-    """While the block runs, SIGINT and SIGTERM call handler(signum); a signal the process ignores (SIG_IGN, as a
-    shell's background job ignores SIGINT) stays ignored. The previous handlers come back afterwards."""
+    """While the block runs, SIGINT and SIGTERM call handler(signum); the previous handlers come back afterwards. A
+    signal the process ignores (SIG_IGN, as a shell's background job ignores SIGINT) stays ignored, and one whose
+    handler was set outside Python (getsignal gives None: it could not be put back) is left alone."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    for s, before in previous.items():
-        if before is not signal.SIG_IGN:
-            signal.signal(s, lambda signum, frame: handler(signum))
+    previous = {s: before for s, before in previous.items() if before not in (signal.SIG_IGN, None)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: handler(signum))
     try:
         yield
     finally:
         for s, before in previous.items():
-            if before is not None:  # None: a handler set outside Python, which Python cannot put back
-                signal.signal(s, before)
+            signal.signal(s, before)
 
 
 def _interrupt(signum):
