@@ -32,8 +32,9 @@ from data.e2e import prepare
 from data.e2e.batches import batch_order, dev_loss, load_split, make_batch, target_count
 from lora import TARGETS, LoRAConfig, apply_lora
 from model import GPT
+from plumbing import stopping
 from plumbing.device import compile_for_training, pick_dtype
-from plumbing.errors import UserError, reported
+from plumbing.errors import reported
 
 # Arguments that define what is trained: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ("model", "rank", "alpha", "dropout", "targets", "rslora", "init", "data", "epochs", "batch_size",
@@ -108,6 +109,13 @@ def batches(train_split, args):
             step += 1
 
 
+def step_seed(seed, step):
+    """The seed of a step's random numbers (its dropout masks), made from (seed, step) as the batch order is from
+    (seed, epoch): a step is then the same whenever it is taken, the first time or after --resume. numpy's
+    SeedSequence mixes the two because torch seeds its CPU generator with only the low 32 bits of an integer."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
 def train(args):
     """Run the training described by args; returns the trained model (LoRA applied, not merged)."""
     # Processes: one, or one of torchrun's (each on the GPU of its LOCAL_RANK with NCCL, or on the CPU with gloo).
@@ -136,17 +144,17 @@ def train(args):
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)  # fp16's loss scaling
     total = args.max_iters or args.epochs * math.ceil(len(train_split) / args.batch_size)
 
-    # --resume: the LoRA weights, optimizer, RNG states, step and log exactly as they were saved
-    start, log = run.resume(out, model, opt, args, RUN_DEFINING) if args.resume else (0, [])
+    # --resume: the LoRA weights, the optimizer's (and the loss scaler's) state, the step and the log, as saved
+    start, log = run.resume(out, model, opt, scaler, args, RUN_DEFINING) if args.resume else (0, [])
 
     # DDP averages the gradients of the processes during backward; each process's loss is scaled below so
     # that the average is the gradient of the mean loss over the whole global batch.
     ddp_model = DDP(model, device_ids=[device] if device.startswith("cuda") else None) if world_size > 1 else model
     forward = compile_for_training(ddp_model) if args.compile else ddp_model  # see plumbing/device.py
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     if master:
         print(f"{args.model}: r={config.rank} alpha={config.alpha:g} on {','.join(config.targets)} "
               f"(scale {config.scale:g}), {trainable_report(model)}")
@@ -157,7 +165,7 @@ def train(args):
         return done % args.eval_interval == 0 or done == total
 
     def save(done):
-        run.save(out, model, opt, done, total, args, log, train_split.data_format)
+        run.save(out, model, opt, scaler, done, total, args, log, train_split.data_format)
 
     def evaluate_and_save(done):
         log[-1]["val_loss"] = round(dev_loss(model, dev_split, args.batch_size, device, args.eval_examples,
@@ -177,6 +185,7 @@ def train(args):
             if step >= total or (args.stop_after is not None and step >= args.stop_after):
                 break
             t0 = time.perf_counter()
+            torch.manual_seed(step_seed(args.seed, step))  # this step's dropout masks: the same after a --resume
             lr = lr_at(step, args.lr, args.warmup, total)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -199,22 +208,20 @@ def train(args):
                 dist.all_reduce(loss_sum)
                 loss_sum = loss_sum.item()
             if not math.isfinite(loss_sum):
-                saved = max([start] + [line["step"] for line in log if "val_loss" in line])
-                raise UserError(f"the loss became {loss_sum} at step {step + 1}; the last good checkpoint in "
-                                 f"{out} (step {saved}) is intact (nothing non-finite is ever saved). Try a lower "
-                                 f"--lr or --dtype fp32")
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            done = step + 1
-            n_tokens = int((train_split.lengths[indices] - 1).sum())  # all processes together, no padding
-            log.append(dict(step=done, loss=round(loss_sum, 6), lr=lr,
-                            tokens_per_s=round(n_tokens / (time.perf_counter() - t0))))
+                raise run.diverged(loss_sum, step + 1, out, dtype)
+            with stopping.deferred():  # a Ctrl-C waits for the whole update: a step is taken all or not at all
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                n_tokens = int((train_split.lengths[indices] - 1).sum())  # all processes together, no padding
+                log.append(dict(step=done, loss=round(loss_sum, 6), lr=lr,
+                                tokens_per_s=round(n_tokens / (time.perf_counter() - t0))))
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=log[-1]["tokens_per_s"])
             if master and eval_due(done):
                 evaluate_and_save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGINT or SIGTERM, anywhere: the state is that at the end of step `done`
         if master:
             bar.write(f"interrupted: saving step {done} to {out}; continue with the same command and --resume")
             save(done)

@@ -405,17 +405,34 @@ def put_adapter(model, tensors, info, path):
     tensors themselves where they already have the model's device and dtype: no copy)."""
     check_adapter_fits(model, info, path)
     lora.apply_lora(model, info.lora)
-    expected = lora.lora_state_dict(model)
-    if {n: tuple(t.shape) for n, t in tensors.items()} != {n: tuple(t.shape) for n, t in expected.items()}:
-        raise UserError(f"{path} does not hold this model's LoRA tensors "
-                         f"(missing {sorted(set(expected) - set(tensors))[:2]}, "
-                         f"unexpected {sorted(set(tensors) - set(expected))[:2]}, or other shapes)")
+    expected = {name: tuple(t.shape) for name, t in lora.lora_state_dict(model).items()}
+    if {name: tuple(t.shape) for name, t in tensors.items()} != expected:
+        raise UserError(f"{path} does not hold the tensors its header describes: "
+                        f"{tensors_unlike_header(tensors, expected, info.lora)}")
     p = model.transformer.wte.weight
     for name, tensor in tensors.items():
         owner, leaf = name.rsplit(".", 1)
         parameter = nn.Parameter(tensor.to(device=p.device, dtype=p.dtype), requires_grad=False)
         setattr(model.get_submodule(owner), leaf, parameter)
     return model
+
+
+def tensors_unlike_header(tensors, expected, config):
+    """How an adapter's tensors differ from those its header's LoRAConfig makes on the model (expected: their
+    shapes), in words: the rank first, which is what a hand-made or mixed-up file gets wrong most often."""
+    ranks = sorted({t.shape[0] for name, t in tensors.items() if name.endswith("lora_A")})
+    if set(tensors) == set(expected) and len(ranks) == 1 and ranks[0] != config.rank:
+        return f"its tensors have rank {ranks[0]}, but its header says rank {config.rank}"
+    targets = ",".join(config.targets)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    more = lambda names: f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    if missing:
+        return f"it lacks {missing[0]}{more(missing)}, which its header's targets ({targets}) call for"
+    if unexpected:
+        return f"it holds {unexpected[0]}{more(unexpected)}, which its header's targets ({targets}) do not have"
+    name = next(name for name, shape in expected.items() if tuple(tensors[name].shape) != shape)
+    return (f"{name} is {' x '.join(map(str, tensors[name].shape))} where rank {config.rank} on this model makes it "
+            f"{' x '.join(map(str, expected[name]))}")
 
 
 def remove_lora(model):

@@ -7,6 +7,8 @@ script's main() turns it into `error: ...` on stderr and exit status 1, through 
 
 import contextlib
 
+from plumbing import stopping
+
 
 class UserError(ValueError):
     """A mistake the user can fix (a bad argument, a missing or damaged file); the message says what and how."""
@@ -14,10 +16,11 @@ class UserError(ValueError):
 
 @contextlib.contextmanager
 def reported():
-    """A script's entry point: a UserError becomes `error: MESSAGE` and exit status 1, Ctrl-C exit status 130,
-    both without a traceback."""
+    """A script's entry point: a UserError becomes `error: MESSAGE` and exit status 1; Ctrl-C, SIGINT and SIGTERM
+    (plumbing/stopping.py) exit status 130; both without a traceback."""
     try:
-        yield
+        with stopping.ctrl_c_on_sigterm():
+            yield
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:

@@ -219,6 +219,25 @@ def test_adapter_for_another_model_or_other_targets_is_refused(tiny_gpt2, tmp_pa
         load_adapter(GPT.from_pretrained(tiny_gpt2), not_adapter)
 
 
+def test_an_adapter_whose_tensors_are_not_those_of_its_header_says_how(tiny_gpt2, tmp_path):
+    """A file whose header says another rank or other targets than its tensors have (hand-made, or mixed up):
+    the error names the rank of each, or the first tensor missing or left over."""
+    from plumbing.files import load_safetensors, save_safetensors
+
+    good = tmp_path / "good.safetensors"
+    save_adapter(apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(rank=4, targets=("q", "v"))), good)
+    tensors, metadata = load_safetensors(good)
+    cases = {"rank": ("8", "its tensors have rank 4, but its header says rank 8"),
+             "targets": ("q,v,o", "it lacks transformer.h.0.attn.c_proj.lora.o.lora_A (and 3 more), which its "
+                                  "header's targets (q,v,o) call for")}
+    for key, (value, message) in cases.items():
+        path = tmp_path / f"{key}.safetensors"
+        save_safetensors(tensors, path, {**metadata, key: value})
+        with pytest.raises(UserError) as err:
+            load_adapter(GPT.from_pretrained(tiny_gpt2), path)
+        assert str(err.value) == f"{path} does not hold the tensors its header describes: {message}"
+
+
 def test_bad_targets_are_refused(tiny_gpt2):
     with pytest.raises(UserError, match="unknown LoRA targets"):
         apply_lora(GPT.from_pretrained(tiny_gpt2), LoRAConfig(targets=("q", "x")))

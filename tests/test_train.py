@@ -46,7 +46,7 @@ def test_thirty_steps_lower_the_dev_loss_and_leave_the_base_untouched(tiny_gpt2,
 
 def test_resume_continues_exactly(tiny_gpt2, e2e_small, tmp_path):
     """Stop after step 5 and resume to 10: steps 6-10 log the losses of one uninterrupted 10-step run
-    (dropout is on, so the RNG state must be restored too)."""
+    (dropout is on: each step draws its masks from its own seed, so a resumed step draws the same ones)."""
     common = ["--max_iters", "10", "--eval_interval", "5", "--dropout", "0.1"]
     train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "whole", *common))
     train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "split", *common, "--stop_after", "5"))
@@ -72,11 +72,45 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_gpt2, 
     out = tmp_path / "run"
     # lr 1e30: the first step's update (about lr in size, whatever the gradient) sends B to ~1e30, so the
     # second step's activations overflow fp32 (squared in LayerNorm's variance) and the loss is nan
-    with pytest.raises(SystemExit, match=r"^error: the loss became nan at step 2; the last good checkpoint"):
+    with pytest.raises(SystemExit) as err:
         train.main(args_for(tiny_gpt2, e2e_small, out, "--max_iters", "5", "--eval_interval", "1", "--lr", "1e30",
                             "--warmup", "0"))
+    # an fp32 run is not told to try --dtype fp32
+    assert str(err.value) == (f"error: the loss became nan at step 2; the last good checkpoint in {out} (step 1) is "
+                              "intact (nothing non-finite is ever saved). Try a lower --lr")
     state = torch.load(out / "ckpt.pt", weights_only=False)
     assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["lora"].values())
+
+
+def test_a_nan_loss_at_step_1_blames_the_model_and_names_no_checkpoint(tiny_gpt2, e2e_small, tmp_path):
+    """Step 1 runs before any update (B = 0), so its loss is the base model's: an infinite weight makes it NaN
+    whatever the learning rate. Nothing has been saved; only a half-precision run is told to try --dtype fp32."""
+    from plumbing.files import load_safetensors, save_safetensors
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((tiny_gpt2 / "config.json").read_bytes())
+    tensors, metadata = load_safetensors(tiny_gpt2 / "model.safetensors")
+    tensors["transformer.ln_f.weight"][0] = float("inf")
+    save_safetensors(tensors, broken / "model.safetensors", metadata)
+    for dtype, cause in [("fp32", "check that --model's weights are all finite"),
+                         ("bf16", "it may overflow bfloat16 (try --dtype fp32), or --model's weights are not all "
+                                  "finite")]:
+        out = tmp_path / dtype
+        with pytest.raises(SystemExit) as err:
+            train.main(args_for(broken, e2e_small, out, "--max_iters", "3", "--dtype", dtype))
+        assert str(err.value) == ("error: the loss became nan at step 1, before any update, so the base model itself "
+                                  f"gives it: {cause}; nothing was saved")
+        assert not (out / "ckpt.pt").exists()
+
+
+def test_fp16_on_a_cpu_is_refused_in_one_line_before_work(tiny_gpt2, e2e_small, tmp_path, capfd):
+    """torch would run it, slower than fp32, and print its own warning (with its source line) that it drops the
+    loss scaling fp16 needs: refused before the model loads, naming the dtypes that work on a CPU."""
+    with pytest.raises(SystemExit) as err:
+        train.main(args_for(tiny_gpt2, e2e_small, tmp_path / "run", "--dtype", "fp16"))
+    assert str(err.value) == "error: --dtype fp16 needs a GPU (CUDA or MPS); on the CPU use --dtype bf16 or fp32"
+    assert "GradScaler" not in capfd.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_torchrun_two_processes_give_the_single_process_losses(tiny_gpt2, e2e_small, tmp_path):

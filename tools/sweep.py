@@ -8,8 +8,9 @@
 
 Every setting trains with the same seed, data and steps (train.py run by itself, so a run is exactly what
 `python train.py ...` gives), then eval.py scores it. Each run lives in its own folder under --out; a sweep
-that is stopped and started again reuses the runs that are finished. The table goes to --out/table.md and
---out/table.csv.
+that is stopped and started again reuses the runs that are finished and resumes the one it stopped in. Ctrl-C,
+SIGINT or SIGTERM to the sweep goes to the script it is running, which saves where it was; the sweep waits for it
+and exits with status 130. The table goes to --out/table.md and --out/table.csv.
 """
 
 import argparse
@@ -26,6 +27,7 @@ import torch
 from beam import check_beam_width
 from data.e2e import prepare
 from lora import TARGETS
+from plumbing import stopping
 from plumbing.errors import UserError, reported
 from plumbing.files import atomic_write, read_safetensors_header
 
@@ -80,10 +82,18 @@ def settings(args):
 
 
 def run_script(script, script_args):
-    """Run one of the project's scripts in its own process, as a user would; stop the sweep if it fails."""
+    """Run one of the project's scripts in its own process, as a user would; stop the sweep if it fails. A signal to
+    stop goes to the script alone (plumbing/stopping.py), and once the script has saved and exited, the sweep stops
+    too (KeyboardInterrupt: status 130)."""
     command = [sys.executable, str(ROOT / script), *script_args]
     print("$ " + " ".join(command[1:]), flush=True)
-    if subprocess.run(command, cwd=ROOT).returncode != 0:
+    child = subprocess.Popen(command, cwd=ROOT, start_new_session=True)  # signals reach it through passed_on only
+    with stopping.passed_on(child) as passed:
+        returncode = child.wait()
+    if passed or returncode == 130:
+        print(f"sweep: stopped, with {script}; run the sweep again to continue where it stopped", file=sys.stderr)
+        raise KeyboardInterrupt
+    if returncode != 0:
         raise UserError(f"{script} failed (its error is above); finished runs are kept, run the sweep again "
                         "to continue")
 
