@@ -143,6 +143,8 @@ def sweep_figure(rows, kind, path):
             ax.set_xlabel("adapted weights and rank")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, axis="y" if kind != "ranks" else "both")
+        if column == "BLEU":  # in points from 0, at least 0 to 1: less than a point apart is not a difference
+            ax.set_ylim(0, max([1.0, *values]) * 1.08)
     fig.suptitle("LoRA rank sweep (Table 18)" if kind == "ranks" else "LoRA target sweep (Tables 5, 6)",
                  fontsize=10)
     return save(fig, path)
