@@ -10,7 +10,8 @@ Every setting trains with the same seed, data and steps (train.py run by itself,
 `python train.py ...` gives), then eval.py scores it. Each run lives in its own folder under --out; a sweep
 that is stopped and started again reuses the runs that are finished and resumes the one it stopped in. Ctrl-C,
 SIGINT or SIGTERM to the sweep goes to the script it is running, which saves where it was; the sweep waits for it
-and exits with status 130. The table goes to --out/table.md and --out/table.csv.
+and exits with status 130. The table goes to --out/table.md and --out/table.csv, and its figure to
+--out/figure.png (with matplotlib).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from lora import TARGETS
 from plumbing import stopping
 from plumbing.errors import UserError, reported
 from plumbing.files import atomic_write, read_safetensors_header
+from tools import plot
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
 TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
@@ -170,6 +172,7 @@ def sweep(args):
             row.update({name: scores[name] for name in SCORES if name in scores})
         rows.append(row)
     write_tables(args.out, rows)
+    plot.sweep_figure_beside(args.out, rows, args.sweep)  # figure.png, when matplotlib is installed
     if args.sweep == "targets":
         counts = {row["trainable"] for row in rows}
         verdict = "the same for every setting" if len(counts) == 1 else "NOT the same: compare with care"
