@@ -87,7 +87,7 @@ ROWS = [
         "deltaw_layer0_q.png", "tools.analyze:save_heatmaps", offline=True, damaged=True),
     Row("sweep", "tools.sweep:main", "ranks --ranks 1 --no_eval --out {out} --data {data} -- --model {model} "
         f"{TRAIN}", "folder", None, "tools.sweep:run_script"),
-    Row("assignments make", "assignments.make:main", "{out}", "new", "", "assignments.make:lines_to_write"),
+    Row("assignments make", "assignments.make:main", "{out}", "new", "", "assignments.make:shutil.copy2"),
     Row("assignments grade", "assignments.grade:main", "{kit_repo} --json {out}", "file", "",
         "assignments.grade:grade", stub="assignments.grade:grade"),
     Row("assignments tiny_model", "assignments.tiny_model:main", "{out}", "folder", "model.safetensors",

@@ -147,7 +147,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     out = tmp_path / "eval"
     out.mkdir()
     (out / "predictions_dev.txt").write_text("mine\n")
-    with pytest.raises(SystemExit, match="predictions_dev.txt exists .*pass --force"):
+    with pytest.raises(SystemExit, match="predictions_dev.txt already exists; pass --force"):
         eval.main(["--model", str(tiny_gpt2), "--split", "dev", "--out", str(out), "--data", str(e2e_small)])
     assert (out / "predictions_dev.txt").read_text() == "mine\n"
     (tmp_path / "similarity_layer0_q.png").write_bytes(b"mine")
@@ -155,7 +155,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     class Args:
         out, force = tmp_path, False
 
-    with pytest.raises(UserError, match="similarity_layer0_q.png exists .*pass --force"):
+    with pytest.raises(UserError, match="similarity_layer0_q.png already exists; pass --force"):
         analyze.plot_paths_free(Args, "similarity", [(0, "q"), (1, "q")])
     Args.force = True
     assert analyze.plot_paths_free(Args, "similarity", [(0, "q")])

@@ -28,7 +28,9 @@ from lora_analysis import (
 )
 from model import GPT
 from plumbing import files as checkpoint
+from plumbing import outputs
 from plumbing.errors import UserError, reported
+from plumbing.files import removed_on_failure
 from plumbing.hf_checkpoint import shape_of
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,10 +144,7 @@ PLOT_HINT = "(tables only: pip install matplotlib for the heatmaps)"
 
 def plot_paths_free(args, kind, chosen):
     """True; a one-line error, before any work, if a heatmap would replace an earlier one without --force."""
-    taken = [p for p in (Path(args.out) / f"{kind}_layer{layer}_{proj}.png" for layer, proj in chosen) if p.exists()]
-    if taken and not args.force:
-        raise UserError(f"{taken[0]} exists ({len(taken)} of the heatmaps do); pass --force to replace "
-                         f"them, or another --out")
+    outputs.check_folder(args.out, [f"{kind}_layer{layer}_{proj}.png" for layer, proj in chosen], args.force)
     return True
 
 
@@ -301,7 +300,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with reported():
+    with reported(), removed_on_failure(args.out):  # a heatmap folder made for a run that fails goes
         args.run(args)
 
 

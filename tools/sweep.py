@@ -26,8 +26,9 @@ import torch
 from beam import check_beam_width
 from data.e2e import prepare
 from lora import TARGETS
+from plumbing import outputs
 from plumbing.errors import UserError, reported
-from plumbing.files import atomic_write, read_safetensors_header
+from plumbing.files import atomic_write, read_safetensors_header, removed_on_failure
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
 TABLE5 = ["q:8", "k:8", "v:8", "o:8", "q,k:4", "q,v:4", "q,k,v,o:2"]  # the paper's 18M-parameter budget
@@ -132,6 +133,7 @@ def sweep(args):
             raise UserError(f"{name}: rank {rank} must be at least 1")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
+    outputs.check_folder(args.out)  # the runs' folders and the tables; a sweep started again continues it
     rows = []
     for name, targets, rank in settings(args):
         run = args.out / name
@@ -196,7 +198,8 @@ def write_tables(out, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    with reported():
+    # A folder made for a sweep that fails before its first run has saved anything goes again.
+    with reported(), removed_on_failure(args.out, keep=lambda: any(args.out.glob("*/ckpt.pt"))):
         return sweep(args)
 
 
