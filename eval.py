@@ -34,15 +34,15 @@ from tqdm import tqdm
 
 import lora
 from beam import beam_search_batch, check_beam_width, prompt_batches
-from checkpoints import run as preflight
 from checkpoints.adapters import adapter_path
-from checkpoints.loading import describe_lora, load_model
+from checkpoints.loading import describe_lora, load_model, new_token_budget
 from data import tasks
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
 from data.webnlg import prepare as webnlg
 from metrics import e2e as metrics
 from metrics import ter
+from plumbing import outputs
 from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported
 from plumbing.files import atomic_write
@@ -241,10 +241,7 @@ def evaluate(args):
     """Decode the split, compute the dev loss, score, print the table and append the results line."""
     out = default_out(args)
     predictions_path = out / f"predictions_{args.split}.txt"
-    if predictions_path.exists() and not args.force:
-        raise UserError(f"{predictions_path} exists (results.jsonl may point at it); pass --force to "
-                         f"replace it, or another --out")
-    preflight.writable_folder(out)  # found out now, not after decoding everything
+    outputs.check_folder(out, holds=[predictions_path.name], force=args.force)  # now, not after decoding
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
@@ -281,11 +278,8 @@ def evaluate(args):
         prompts = [tasks.prompt_tokens(enc, prompt) for prompt, _, _ in groups]
         refs, categories = [group_refs for _, group_refs, _ in groups], [category for _, _, category in groups]
     name = args.adapter or args.merged or model.name_or_path
-    longest = max(len(prompt) for prompt in prompts)
-    max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)
-    if max_new_tokens < args.max_new_tokens:
-        print(f"note: --max_new_tokens {args.max_new_tokens} capped at {max_new_tokens}: the longest prompt has "
-              f"{longest} tokens and the model {model.config.block_size} positions")
+    max_new_tokens = new_token_budget(args.max_new_tokens, max(len(prompt) for prompt in prompts),
+                                      model.config.block_size, "longest prompt")
     what = "MRs" if task == "e2e" else "inputs"
     print(f"{name} on {device} ({str(dtype).removeprefix('torch.')}): {len(prompts)} {args.split} {what}, beam "
           f"{args.beam}, length penalty {length_penalty}, no repeated {args.no_repeat_ngram}-grams; scored "
