@@ -58,18 +58,19 @@ def parse_args(argv=None):
                                 "with --hyp and --refs, score a file of outputs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="base model: gpt2, gpt2-medium, ..., or a folder / "
-                   ".safetensors file (default: the adapter's base model, or gpt2)")
-    p.add_argument("--adapter", default=None, help="adapter file written by train.py")
+                   ".safetensors file (None: the adapter's base model, or gpt2)")
+    p.add_argument("--adapter", default=None, help="the LoRA adapter: the file train.py writes, a train.py run "
+                   "folder, or a PEFT adapter folder")
     p.add_argument("--merged", default=None, help="merged checkpoint folder written by merge.py")
-    p.add_argument("--data", default=None, help="folder of the prepared data (default: data/TASK of the model's "
+    p.add_argument("--data", default=None, help="folder of the prepared data (None: data/TASK of the model's "
                    "task, e.g. data/e2e, which is prepared, and downloaded, when missing)")
     p.add_argument("--split", default="test", choices=["test", "dev"], help="the inputs to decode and score")
     p.add_argument("--beam", type=int, default=10, help="beam size")
-    p.add_argument("--length_penalty", type=float, default=None, help="default: the task's preset (data/tasks.py), "
+    p.add_argument("--length_penalty", type=float, default=None, help="None: the task's preset (data/tasks.py), "
                    "0.8 for all three; for E2E the LoRA repository's command uses 0.8, the paper's Table 11 0.9")
     p.add_argument("--references", default=None, choices=["paper", "official"], help="score against the "
                    "references in the paper's pre-tokenized form (grouped by context, as microsoft/LoRA's "
-                   "gpt2_decode.py does) or as the official CSV has them (default: the model's data format)")
+                   "gpt2_decode.py does) or as the official CSV has them (None: the model's data format)")
     p.add_argument("--no_repeat_ngram", type=int, default=4, help="never repeat an n-gram of this size "
                    "(0: no rule)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest output, in tokens")
@@ -78,13 +79,13 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="decode only the first N MRs (quick runs)")
     p.add_argument("--no_val_loss", action="store_true", help="skip the dev loss")
     p.add_argument("--no_meteor", action="store_true", help="skip METEOR (its Java start-up takes seconds)")
-    p.add_argument("--val_examples", type=int, default=None, help="dev examples for the loss (default: all)")
+    p.add_argument("--val_examples", type=int, default=None, help="dev examples for the loss (None: all of them)")
     p.add_argument("--val_batch_size", type=int, default=16, help="examples per forward pass of the dev loss")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
     p.add_argument("--out", default=None, help="folder for predictions_{split}.txt and results.jsonl "
-                   "(default: the adapter's folder, the merged folder, or ./out for a base model)")
+                   "(None: the adapter's folder, the merged folder, or ./out for a base model)")
     p.add_argument("--force", action="store_true", help="replace an earlier predictions_{split}.txt in --out")
     p.add_argument("--hyp", default=None, help="score this file of outputs (UTF-8, one line per MR) instead "
                    "of decoding; needs --refs")

@@ -57,9 +57,10 @@ def parse_args(argv=None):
         description="Merge a LoRA adapter into its base model (W = W0 + (alpha / r) B A) and write a "
         "complete GPT-2 checkpoint (model.safetensors + config.json, Hugging Face layout, fp32). The written "
         "files are read back and checked against the unmerged model before the folder appears.")
-    parser.add_argument("--adapter", type=Path, required=True, help="the LoRA adapter file (from train.py)")
+    parser.add_argument("--adapter", type=Path, required=True, help="the LoRA adapter: the file train.py "
+                        "writes, a train.py run folder, or a PEFT adapter folder")
     parser.add_argument("--out", type=Path, default=None, help="the folder to create for the merged checkpoint; "
-                        "it must not exist (required unless --check-only)")
+                        "it must not exist (required unless --check-only) (default: none)")
     parser.add_argument("--model", default=None,
                         help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or "
                         ".safetensors file (default: the base model named in the adapter file)")

@@ -47,7 +47,8 @@ def parse_args(argv=None):
                       help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or .safetensors file "
                       "(default: gpt2; with --adapter, the base model named in the adapter file)")
     what.add_argument("--adapter", type=Path, nargs="+", default=None,
-                      help="a LoRA adapter file (from train.py) or PEFT LoRA folder to add to the model; several "
+                      help="a LoRA adapter to add to the model: the file train.py writes, a train.py run folder, or a "
+                      "PEFT adapter folder; several "
                       "are each sampled in turn, on one base model (default: none)")
     what.add_argument("--merged", type=Path, default=None,
                       help="a merged checkpoint folder (from merge.py); it is the whole model, so it goes "

@@ -237,8 +237,10 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace the files of --gradescope and --json if they are "
                    "there (default: refuse)")
     p.add_argument("--jobs", type=int, default=None, help="processes at once (default: the CPU count)")
-    p.add_argument("--part-timeout", type=float, default=PART_SECONDS, help="seconds for one part's process")
-    p.add_argument("--case-timeout", type=float, default=CASE_SECONDS, help="seconds for one case")
+    p.add_argument("--part-timeout", type=float, default=PART_SECONDS, help="seconds for one part's process "
+                   "(default: %(default)s)")
+    p.add_argument("--case-timeout", type=float, default=CASE_SECONDS, help="seconds for one case "
+                   "(default: %(default)s)")
     args = p.parse_args(argv)
     start = time.monotonic()
     with reported():

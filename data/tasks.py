@@ -350,11 +350,13 @@ def task_main(argv, description, default_out, names, urls, what, reader, data_fo
     """The command line of data/webnlg/prepare.py and data/dart/prepare.py."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--source", type=Path, default=None, help=f"a folder holding {', '.join(names.values())}; they "
-                   "are read from there (nothing is downloaded)")
+                   "are read from there (nothing is downloaded) (default: none, they are downloaded into --out)")
     p.add_argument("--out", "--data", dest="out", type=Path, default=default_out,
                    help=f"the folder to write to (and download to); default {default_out}")
-    p.add_argument("--splits", nargs="+", choices=list(names), default=list(names))
-    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before")
+    p.add_argument("--splits", nargs="+", choices=list(names), default=list(names),
+                   help="the splits to prepare (default: all three)")
+    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before "
+                   "(default: refuse)")
     args = p.parse_args(argv)
     with reported():
         written = prepare_task(args.out, args.source, args.splits, names, urls, what, reader, data_format, args.force)
@@ -370,7 +372,8 @@ def main(argv=None):
     p.add_argument("--test", type=Path, default=None, help="the examples eval.py decodes and scores (default: none; "
                    "eval.py --split dev scores the dev examples)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. data/mine")
-    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before")
+    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before "
+                   "(default: refuse)")
     args = p.parse_args(argv)
     paths = {split: getattr(args, split) for split in ("train", "dev", "test") if getattr(args, split) is not None}
     with reported():

@@ -285,7 +285,7 @@ def build_parser():
     sim.add_argument("--targets", "--target", nargs="+", choices=TARGETS, default=None,
                      help="which projections, as train.py's --targets (default: all in both adapters)")
     sim.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
-    sim.add_argument("--force", action="store_true", help="replace heatmaps written before")
+    sim.add_argument("--force", action="store_true", help="replace heatmaps written before (default: refuse)")
     sim.set_defaults(run=run_similarity)
     dw = commands.add_parser("deltaw", help="Delta W against W: Table 7 and Figure 8 (section 7.3)")
     dw.add_argument("adapter", help="adapter file (.safetensors written by train.py) or PEFT folder")
@@ -293,7 +293,7 @@ def build_parser():
                     help="base model name or path (default: the base model named in the adapter)")
     dw.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
     dw.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
-    dw.add_argument("--force", action="store_true", help="replace heatmaps written before")
+    dw.add_argument("--force", action="store_true", help="replace heatmaps written before (default: refuse)")
     dw.set_defaults(run=run_deltaw)
     return parser
 

@@ -48,13 +48,15 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="sweep", required=True)
     ranks = sub.add_parser("ranks", help="one adapter per rank on fixed targets (Table 18)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ranks.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
-    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS)
+    ranks.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64], help="the LoRA ranks r, one "
+                       "run each")
+    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS, help="the projections every "
+                       "run updates")
     targets = sub.add_parser("targets", help="one adapter per target set and rank (Tables 5 and 6)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     targets.add_argument("--grid", nargs="+", default=TABLE5, help="settings TARGETS:RANK, e.g. q,v:4")
     for sp in (ranks, targets):
-        sp.add_argument("--out", default=None, help="folder of the runs and the table (default sweep_<kind>)")
+        sp.add_argument("--out", default=None, help="folder of the runs and the table (None: sweep_KIND)")
         sp.add_argument("--data", default=str(prepare.DATA_DIR), help="prepared E2E data, for train and eval")
         sp.add_argument("--eval_split", default="test", choices=["test", "dev"], help="what eval.py decodes")
         sp.add_argument("--eval_limit", type=int, default=None, help="decode only the first N MRs (quick runs)")

@@ -296,13 +296,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Download the E2E NLG CSVs and tokenize them into prompt + "
                                      "completion examples: {split}.npz, {split}_mrs.json (and {split}.txt).")
     parser.add_argument("--source", type=Path, default=None, help="a folder holding trainset.csv, devset.csv, "
-                        "testset_w_refs.csv; they are read from there (nothing is downloaded or copied)")
+                        "testset_w_refs.csv; they are read from there (nothing is downloaded or copied) "
+                        "(default: none, they are downloaded into --out)")
     parser.add_argument("--out", "--data", dest="out", type=Path, default=DATA_DIR,
                         help=f"the folder to write to (and download the CSVs to); default {DATA_DIR}")
-    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
+    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
+                        help="the splits to prepare (default: all three)")
     parser.add_argument("--format", choices=FORMATS, default="paper", help="paper: the LoRA repository's text, "
-                        "as the paper's numbers were made; plain: the official CSV text")
-    parser.add_argument("--force", action="store_true", help="replace the token files of a split prepared before")
+                        "as the paper's numbers were made; plain: the official CSV text (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace the token files of a split prepared before "
+                        "(default: refuse)")
     args = parser.parse_args(argv)
     with reported():
         written = prepare(args.out, args.source, args.splits, args.format, args.force)
