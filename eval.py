@@ -45,7 +45,7 @@ from metrics import ter
 from plumbing import outputs
 from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported
-from plumbing.files import atomic_write
+from plumbing.files import atomic_write, removed_on_failure
 
 SCORE_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")  # metrics.score_all's keys, in the paper's order
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the paper prints these x100 (BLEU 70.4 is 0.704 from the scorer)
@@ -335,7 +335,8 @@ def main(argv=None):
     with reported():
         check_args(args)
         if args.hyp is None:
-            return evaluate(args)
+            with removed_on_failure(default_out(args)):  # an --out folder made for a run that fails goes
+                return evaluate(args)
         t0 = time.perf_counter()
         scores, n_mrs = score_hyp_file(args.hyp, args.refs)
     print(f"scored {n_mrs} MRs in {time.perf_counter() - t0:.1f} s against the official references of {args.refs}")

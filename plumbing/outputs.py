@@ -18,6 +18,10 @@ Each one
   3. if the block raises anything (a UserError, Ctrl-C's KeyboardInterrupt, SystemExit), removes what it made:
      the temporary name and every folder it created, parents included, with whatever was put into them. What
      was there before stays as it was.
+
+A command that learns its output's names only after some reading (eval.py's predictions file, analyze's
+heatmaps) calls the check_ functions first; one whose output is made by child processes (the sweep) wraps
+its work in plumbing.files.removed_on_failure. tests/test_fault_table.py holds every command to this.
 """
 
 import os

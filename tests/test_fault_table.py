@@ -70,7 +70,7 @@ ROWS = [
         "--device cpu", "new", "", "merge:compare", offline=True, damaged=True),
     Row("eval", "eval:main", "--adapter {adapter} --model {model} --data {data} --split dev --limit 2 --beam 1 "
         "--max_new_tokens 2 --no_val_loss --no_meteor --device cpu --out {out}", "folder", "predictions_dev.txt",
-        "eval:decode", offline=True, damaged=True),
+        "eval:metrics.score_all", offline=True, damaged=True),
     Row("e2e prepare", "data.e2e.prepare:main", "--source {e2e_src} --out {out} --splits dev", "folder", "dev.npz",
         "data.e2e.prepare:np.savez", offline=True, damaged=True),
     Row("webnlg prepare", "data.webnlg.prepare:main", "--source {webnlg_src} --out {out} --splits dev", "folder",
