@@ -2,8 +2,8 @@
 
 This is the lowest layer of the project. It needs only the standard library, numpy, torch and tqdm.
 
-- atomic_write / atomic_dir: every file or folder a user makes is written under a temporary name and
-  renamed at the end, so a crash or Ctrl-C never leaves a half-written checkpoint under the real name;
+- atomic_write: every file a user makes is written under a temporary name and renamed at the end, so a
+  crash or Ctrl-C never leaves a half-written checkpoint under the real name (a whole folder: outputs.new_folder);
   made_folders makes the folders on the way and removes them again if the write fails. (The checks a
   command makes on its output before any work, and its one way to open it, are plumbing/outputs.py.)
 - load_safetensors / read_safetensors_header / save_safetensors: the safetensors format, read and written
@@ -117,30 +117,6 @@ def atomic_torch_save(obj, path):
     torch.save(obj, buffer)
     with atomic_write(path) as f:
         f.write(buffer.getbuffer())
-
-
-@contextmanager
-def atomic_dir(path) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it is renamed to `path`, on error removed.
-
-    Raises UserError if `path` already exists: we never mix a new checkpoint into an old one.
-    """
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists")
-    with made_folders(path.parent):
-        tmp = temp_name(path, ".tmpdir")
-        tmp.mkdir()
-        try:
-            yield tmp
-            # Checked again: something may have created `path` while the body ran, and on POSIX a rename
-            # onto an existing empty folder would silently replace it.
-            if path.exists():
-                raise UserError(f"{path} already exists")
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 # --------------------------------------------------------------------------------------------------------

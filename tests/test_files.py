@@ -17,7 +17,6 @@ import torch
 
 from plumbing.errors import UserError
 from plumbing.files import (
-    atomic_dir,
     atomic_write,
     cache_dir,
     download,
@@ -229,7 +228,7 @@ def test_null_metadata_is_accepted_like_the_reference(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# atomic_write, atomic_dir, cache_dir
+# atomic_write, outputs.new_folder, cache_dir
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -260,19 +259,21 @@ def test_atomic_write_error_keeps_old_bytes(tmp_path):
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
-def test_atomic_dir_success_error_and_existing(tmp_path):
+def test_new_folder_success_error_and_existing(tmp_path):
+    from plumbing.outputs import new_folder
+
     target = tmp_path / "run"
-    with atomic_dir(target) as d:
+    with new_folder(target) as d:
         (d / "model.safetensors").write_bytes(b"x")
         assert not target.exists()
     assert os.listdir(target) == ["model.safetensors"]
     assert os.listdir(tmp_path) == ["run"]
 
-    with pytest.raises(UserError, match="run already exists"), atomic_dir(target):
+    with pytest.raises(UserError, match="run already exists"), new_folder(target):
         pass
 
     other = tmp_path / "run2"
-    with pytest.raises(ValueError), atomic_dir(other) as d:
+    with pytest.raises(ValueError), new_folder(other) as d:
         (d / "half").write_bytes(b"x")
         raise ValueError
     assert os.listdir(tmp_path) == ["run"]
