@@ -34,18 +34,18 @@ from tqdm import tqdm
 
 import lora
 from beam import beam_search_batch, check_beam_width, prompt_batches
-from checkpoints import run as preflight
 from checkpoints.adapters import adapter_path
-from checkpoints.loading import describe_lora, load_model
+from checkpoints.loading import describe_lora, load_model, new_token_budget
 from data import tasks
 from data.e2e import prepare
 from data.e2e.batches import dev_loss, load_split
 from data.webnlg import prepare as webnlg
 from metrics import e2e as metrics
 from metrics import ter
+from plumbing import outputs
 from plumbing.device import pick_device, pick_dtype
 from plumbing.errors import UserError, reported
-from plumbing.files import atomic_write
+from plumbing.files import atomic_write, removed_on_failure
 
 SCORE_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")  # metrics.score_all's keys, in the paper's order
 PERCENT = ("BLEU", "METEOR", "ROUGE_L")  # the paper prints these x100 (BLEU 70.4 is 0.704 from the scorer)
@@ -58,18 +58,19 @@ def parse_args(argv=None):
                                 "with --hyp and --refs, score a file of outputs.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None, help="base model: gpt2, gpt2-medium, ..., or a folder / "
-                   ".safetensors file (default: the adapter's base model, or gpt2)")
-    p.add_argument("--adapter", default=None, help="adapter file written by train.py")
+                   ".safetensors file (None: the adapter's base model, or gpt2)")
+    p.add_argument("--adapter", default=None, help="the LoRA adapter: the file train.py writes, a train.py run "
+                   "folder, or a PEFT adapter folder")
     p.add_argument("--merged", default=None, help="merged checkpoint folder written by merge.py")
-    p.add_argument("--data", default=None, help="folder of the prepared data (default: data/TASK of the model's "
+    p.add_argument("--data", default=None, help="folder of the prepared data (None: data/TASK of the model's "
                    "task, e.g. data/e2e, which is prepared, and downloaded, when missing)")
     p.add_argument("--split", default="test", choices=["test", "dev"], help="the inputs to decode and score")
     p.add_argument("--beam", type=int, default=10, help="beam size")
-    p.add_argument("--length_penalty", type=float, default=None, help="default: the task's preset (data/tasks.py), "
+    p.add_argument("--length_penalty", type=float, default=None, help="None: the task's preset (data/tasks.py), "
                    "0.8 for all three; for E2E the LoRA repository's command uses 0.8, the paper's Table 11 0.9")
     p.add_argument("--references", default=None, choices=["paper", "official"], help="score against the "
                    "references in the paper's pre-tokenized form (grouped by context, as microsoft/LoRA's "
-                   "gpt2_decode.py does) or as the official CSV has them (default: the model's data format)")
+                   "gpt2_decode.py does) or as the official CSV has them (None: the model's data format)")
     p.add_argument("--no_repeat_ngram", type=int, default=4, help="never repeat an n-gram of this size "
                    "(0: no rule)")
     p.add_argument("--max_new_tokens", type=int, default=64, help="longest output, in tokens")
@@ -78,13 +79,13 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="decode only the first N MRs (quick runs)")
     p.add_argument("--no_val_loss", action="store_true", help="skip the dev loss")
     p.add_argument("--no_meteor", action="store_true", help="skip METEOR (its Java start-up takes seconds)")
-    p.add_argument("--val_examples", type=int, default=None, help="dev examples for the loss (default: all)")
+    p.add_argument("--val_examples", type=int, default=None, help="dev examples for the loss (None: all of them)")
     p.add_argument("--val_batch_size", type=int, default=16, help="examples per forward pass of the dev loss")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
     p.add_argument("--out", default=None, help="folder for predictions_{split}.txt and results.jsonl "
-                   "(default: the adapter's folder, the merged folder, or ./out for a base model)")
+                   "(None: the adapter's folder, the merged folder, or ./out for a base model)")
     p.add_argument("--force", action="store_true", help="replace an earlier predictions_{split}.txt in --out")
     p.add_argument("--hyp", default=None, help="score this file of outputs (UTF-8, one line per MR) instead "
                    "of decoding; needs --refs")
@@ -241,10 +242,7 @@ def evaluate(args):
     """Decode the split, compute the dev loss, score, print the table and append the results line."""
     out = default_out(args)
     predictions_path = out / f"predictions_{args.split}.txt"
-    if predictions_path.exists() and not args.force:
-        raise UserError(f"{predictions_path} exists (results.jsonl may point at it); pass --force to "
-                         f"replace it, or another --out")
-    preflight.writable_folder(out)  # found out now, not after decoding everything
+    outputs.check_folder(out, holds=[predictions_path.name], force=args.force)  # now, not after decoding
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
@@ -281,11 +279,8 @@ def evaluate(args):
         prompts = [tasks.prompt_tokens(enc, prompt) for prompt, _, _ in groups]
         refs, categories = [group_refs for _, group_refs, _ in groups], [category for _, _, category in groups]
     name = args.adapter or args.merged or model.name_or_path
-    longest = max(len(prompt) for prompt in prompts)
-    max_new_tokens = min(args.max_new_tokens, model.config.block_size - longest)
-    if max_new_tokens < args.max_new_tokens:
-        print(f"note: --max_new_tokens {args.max_new_tokens} capped at {max_new_tokens}: the longest prompt has "
-              f"{longest} tokens and the model {model.config.block_size} positions")
+    max_new_tokens = new_token_budget(args.max_new_tokens, max(len(prompt) for prompt in prompts),
+                                      model.config.block_size, "longest prompt")
     what = "MRs" if task == "e2e" else "inputs"
     print(f"{name} on {device} ({str(dtype).removeprefix('torch.')}): {len(prompts)} {args.split} {what}, beam "
           f"{args.beam}, length penalty {length_penalty}, no repeated {args.no_repeat_ngram}-grams; scored "
@@ -340,7 +335,8 @@ def main(argv=None):
     with reported():
         check_args(args)
         if args.hyp is None:
-            return evaluate(args)
+            with removed_on_failure(default_out(args)):  # an --out folder made for a run that fails goes
+                return evaluate(args)
         t0 = time.perf_counter()
         scores, n_mrs = score_hyp_file(args.hyp, args.refs)
     print(f"scored {n_mrs} MRs in {time.perf_counter() - t0:.1f} s against the official references of {args.refs}")

@@ -32,9 +32,9 @@ from checkpoints.merged import compare, model_outputs, write_checkpoint
 from data.e2e.prepare import DATA_DIR, load_mrs, prompt_tokens
 from data.tasks import get_tokenizer
 from model import GPT
+from plumbing import outputs
 from plumbing.device import pick_device
 from plumbing.errors import UserError, reported
-from plumbing.files import atomic_dir
 
 # The check's prompts when no prepared E2E dev MRs are found in --data: E2E MRs (in the adapter's data format)
 # and plain text.
@@ -57,9 +57,10 @@ def parse_args(argv=None):
         description="Merge a LoRA adapter into its base model (W = W0 + (alpha / r) B A) and write a "
         "complete GPT-2 checkpoint (model.safetensors + config.json, Hugging Face layout, fp32). The written "
         "files are read back and checked against the unmerged model before the folder appears.")
-    parser.add_argument("--adapter", type=Path, required=True, help="the LoRA adapter file (from train.py)")
+    parser.add_argument("--adapter", type=Path, required=True, help="the LoRA adapter: the file train.py "
+                        "writes, a train.py run folder, or a PEFT adapter folder")
     parser.add_argument("--out", type=Path, default=None, help="the folder to create for the merged checkpoint; "
-                        "it must not exist (required unless --check-only)")
+                        "it must not exist (required unless --check-only) (default: none)")
     parser.add_argument("--model", default=None,
                         help="the base model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or "
                         ".safetensors file (default: the base model named in the adapter file)")
@@ -87,8 +88,8 @@ def check_options(args):
     """Refuse option values that cannot work, before anything is loaded."""
     if args.out is None and not args.check_only:
         raise UserError("give --out DIR for the merged checkpoint, or --check-only to write nothing")
-    if args.out is not None and not args.check_only and args.out.exists():
-        raise UserError(f"{args.out} already exists; choose another --out (a merge never overwrites)")
+    if args.out is not None and not args.check_only:
+        outputs.check_new_folder(args.out, flag=None)  # a merge never overwrites
     for name in ("n_check", "check_tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -166,7 +167,7 @@ def merge(args):
 
     metadata = {"base_model": str(model.name_or_path), "adapter": str(adapter),
                 "lora": describe_lora(lora.config_of(model)), "data_format": data_format}
-    with atomic_dir(args.out) as tmp:
+    with outputs.new_folder(args.out, flag=None) as tmp:
         write_checkpoint(model, tmp, metadata)
         del model  # free its memory before the copy on disk is loaded
         reloaded = GPT.from_pretrained(tmp).to(device).double().eval()

@@ -23,7 +23,7 @@ import torch
 
 from beam import beam_search, check_beam_width
 from checkpoints.adapters import AdapterBank, read_adapter
-from checkpoints.loading import describe, load_model
+from checkpoints.loading import describe, load_model, new_token_budget
 from data import tasks
 from data.dart import prepare as dart
 from data.e2e.prepare import prompt_tokens
@@ -47,7 +47,8 @@ def parse_args(argv=None):
                       help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a folder or .safetensors file "
                       "(default: gpt2; with --adapter, the base model named in the adapter file)")
     what.add_argument("--adapter", type=Path, nargs="+", default=None,
-                      help="a LoRA adapter file (from train.py) or PEFT LoRA folder to add to the model; several "
+                      help="a LoRA adapter to add to the model: the file train.py writes, a train.py run folder, or a "
+                      "PEFT adapter folder; several "
                       "are each sampled in turn, on one base model (default: none)")
     what.add_argument("--merged", type=Path, default=None,
                       help="a merged checkpoint folder (from merge.py); it is the whole model, so it goes "
@@ -174,11 +175,6 @@ def encode_prompt(args, model, data_format):
         tokens = tasks.prompt_tokens(enc, read_prompt(args))
     else:
         tokens = enc.encode_ordinary(read_prompt(args)) or [EOT]
-    block_size = model.config.block_size
-    if len(tokens) + args.max_new_tokens > block_size:
-        raise UserError(f"the prompt is {len(tokens)} tokens; with --max_new_tokens {args.max_new_tokens} "
-                         f"that is more than the model's {block_size} positions (shorten the prompt or lower "
-                         f"--max_new_tokens)")
     return tokens
 
 
@@ -187,17 +183,17 @@ def until_eot(tokens):
     return tokens[:tokens.index(EOT)] if EOT in tokens else tokens
 
 
-def generate(model, tokens, args):
+def generate(model, tokens, args, max_new_tokens):
     """The new tokens of each output, without <|endoftext|>: one per sample, or one for --greedy / --beam."""
     if args.beam is not None:
-        return [beam_search(model, tokens, beam=args.beam, max_new_tokens=args.max_new_tokens,
+        return [beam_search(model, tokens, beam=args.beam, max_new_tokens=max_new_tokens,
                             length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram)]
     device = model.transformer.wte.weight.device
     rows = 1 if args.greedy else args.num_samples
     idx = torch.tensor([tokens] * rows, dtype=torch.long, device=device)
     # A generator of our own, seeded by --seed: the samples depend on nothing else (not on other random use).
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+    out = model.generate(idx, max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
                          top_k=args.top_k, top_p=args.top_p, eos_token=EOT, generator=generator)
     return [until_eot(row[len(tokens):].tolist()) for row in out]
 
@@ -212,7 +208,8 @@ def heading(args, i, n):
 def sample_and_print(model, data_format, args):
     """The prompt and the outputs of model, printed; returns the texts of the outputs (the continuations only)."""
     tokens = encode_prompt(args, model, data_format)
-    texts = [get_tokenizer().decode(new_tokens) for new_tokens in generate(model, tokens, args)]
+    max_new_tokens = new_token_budget(args.max_new_tokens, len(tokens), model.config.block_size)
+    texts = [get_tokenizer().decode(new_tokens) for new_tokens in generate(model, tokens, args, max_new_tokens)]
     print(f"prompt: {get_tokenizer().decode(tokens)!r}")
     for i, continuation in enumerate(texts, start=1):
         print(heading(args, i, len(texts)))

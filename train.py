@@ -56,24 +56,24 @@ def parse_args(argv=None):
                    help="which projections get an update")
     p.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rsLoRA) instead of alpha / r")
     p.add_argument("--init", default="kaiming", choices=["kaiming", "gaussian"], help="how A starts")
-    p.add_argument("--data", help="folder of the prepared data, data/PRESET by default (E2E's is prepared, and "
+    p.add_argument("--data", help="folder of the prepared data, data/PRESET of --preset (E2E's is prepared, and "
                    "downloaded, when missing)")
     p.add_argument("--format", default="paper", choices=prepare.FORMATS, help="the data format, when the data "
                    "is prepared here (see data/e2e/prepare.py)")
     p.add_argument("--out", default="out", help="folder for adapter.safetensors, log.jsonl and ckpt.pt")
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=5, help="passes over the training set")
     p.add_argument("--max_iters", type=int, default=None, help="train this many steps instead of --epochs")
     p.add_argument("--batch_size", type=int, default=8, help="examples per optimizer step, over all processes")
     p.add_argument("--grad_accum", type=int, default=1, help="split each batch into this many forward passes "
                    "(less memory, same result)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=500, help="steps of linear warmup")
-    p.add_argument("--weight_decay", type=float)
-    p.add_argument("--label_smoothing", type=float)
+    p.add_argument("--weight_decay", type=float, help="AdamW's decoupled weight decay on the LoRA parameters")
+    p.add_argument("--label_smoothing", type=float, help="label smoothing of the loss on the completion tokens")
     p.add_argument("--bucket", action="store_true", help="batch examples of similar length together")
     p.add_argument("--eval_interval", type=int, default=500, help="steps between dev-loss evaluations "
                    "(and resume checkpoints)")
-    p.add_argument("--eval_examples", type=int, default=None, help="dev examples per evaluation (default: all)")
+    p.add_argument("--eval_examples", type=int, default=None, help="dev examples per evaluation (None: all of them)")
     p.add_argument("--stop_after", type=int, default=None, help="stop after this step, saving a resume "
                    "checkpoint (to split a run across jobs); the schedule is unchanged")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or e.g. cuda:1")
@@ -81,7 +81,8 @@ def parse_args(argv=None):
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (once: batch shapes are "
                    "symbolic)")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="the random seed: LoRA's initial A, dropout and the "
+                   "order of the batches")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
 
     def use_preset(task):  # the task's settings as defaults: flags given explicitly still win

@@ -24,6 +24,7 @@ from assignments import splice
 from assignments.cases import CASE_SECONDS, PUBLIC
 from assignments.heldout import HELDOUT
 from assignments.parts import ANSWERS, PARTS, WRITTEN, functions_in, part_files, product_files
+from plumbing import outputs
 from plumbing.errors import UserError, reported
 
 ROOT = Path(__file__).resolve().parents[1]  # the instructor's copy: the reference
@@ -229,25 +230,35 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Grade student repositories of the lora-gpt assignment, part by part "
                                 "(CPU only, no network).")
     p.add_argument("repos", nargs="+", metavar="REPO", help="a student's repository (several: graded side by side)")
-    p.add_argument("--gradescope", metavar="PATH", help="also write Gradescope's results.json here (one REPO)")
-    p.add_argument("--json", metavar="PATH", help="also write every report, with each case's output, as JSON")
+    p.add_argument("--gradescope", metavar="PATH", help="also write Gradescope's results.json here (one REPO) "
+                   "(default: none)")
+    p.add_argument("--json", metavar="PATH", help="also write every report, with each case's output, as JSON "
+                   "(default: none)")
+    p.add_argument("--force", action="store_true", help="replace the files of --gradescope and --json if they are "
+                   "there (default: refuse)")
     p.add_argument("--jobs", type=int, default=None, help="processes at once (default: the CPU count)")
-    p.add_argument("--part-timeout", type=float, default=PART_SECONDS, help="seconds for one part's process")
-    p.add_argument("--case-timeout", type=float, default=CASE_SECONDS, help="seconds for one case")
+    p.add_argument("--part-timeout", type=float, default=PART_SECONDS, help="seconds for one part's process "
+                   "(default: %(default)s)")
+    p.add_argument("--case-timeout", type=float, default=CASE_SECONDS, help="seconds for one case "
+                   "(default: %(default)s)")
     args = p.parse_args(argv)
     start = time.monotonic()
     with reported():
         if args.gradescope and len(args.repos) != 1:
             raise UserError("--gradescope writes the results of one repository: give exactly one REPO")
+        for option, path in (("--gradescope", args.gradescope), ("--json", args.json)):
+            if path:  # checked before the grading, which takes minutes
+                outputs.check_file(path, args.force, option=option)
         reports = grade(args.repos, args.jobs, args.part_timeout, args.case_timeout)
     for report in reports:
         print(table(report) + "\n")
     print(f"graded {len(reports)} repositor{'y' if len(reports) == 1 else 'ies'} in {time.monotonic() - start:.1f} s")
-    if args.gradescope:
-        Path(args.gradescope).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.gradescope).write_text(json.dumps(gradescope(reports[0]), indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(reports, indent=1))
+    with reported():
+        for option, path, data in (("--gradescope", args.gradescope, lambda: gradescope(reports[0])),
+                                   ("--json", args.json, lambda: reports)):
+            if path:
+                with outputs.file(path, args.force, option=option) as f:
+                    f.write(json.dumps(data(), indent=1).encode())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from assignments import splice
 from assignments.parts import PARTS, functions_in, part_files, product_files
+from plumbing import outputs
 from plumbing.errors import UserError, reported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +75,9 @@ def lines_to_write():
 
 
 def make(out):
+    """Write the starter into the new (or empty) folder out, made whole under a temporary name."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} exists and is not empty: give a new folder")
-    import torch  # here, not at the top: a mistake in the arguments is reported at once
+    outputs.check_new_folder(out, option="OUT", empty_ok=True)
     files = product_files(ROOT)
     missing = [file for file in part_files() if file not in files]
     if missing:
@@ -93,6 +93,20 @@ def make(out):
         else:
             texts[file] = None
     expected = expected_numbers()
+    with outputs.new_folder(out, option="OUT", empty_ok=True) as tmp:
+        write_starter(tmp, texts, expected)
+    counts = lines_to_write()
+    print(f"wrote the starter to {out}: {len(files)} product files, the handout, the public tests")
+    for part in PARTS:
+        names = [f"{file}:{name}" for file, names in part.functions.items() for name in names]
+        print(f"  part {part.number} ({part.points} points, {counts[part.number]} lines to write): {', '.join(names)}")
+
+
+def write_starter(out, texts, expected):
+    """The starter's files into the folder out: {file: its blanked text, or None to copy it as it is}, the kit,
+    the instructor's numbers, the handout and the public tests."""
+    import torch
+
     for file, text in texts.items():
         (out / file).parent.mkdir(parents=True, exist_ok=True)
         if text is None:
@@ -109,11 +123,6 @@ def make(out):
     for part in PARTS:
         (out / "tests" / f"test_part{part.number}.py").write_text(
             TEST_TEMPLATE.format(number=part.number, title=part.title, points=part.points))
-    counts = lines_to_write()
-    print(f"wrote the starter to {out}: {len(files)} product files, the handout, the public tests")
-    for part in PARTS:
-        names = [f"{file}:{name}" for file, names in part.functions.items() for name in names]
-        print(f"  part {part.number} ({part.points} points, {counts[part.number]} lines to write): {', '.join(names)}")
 
 
 def main(argv=None):

@@ -11,28 +11,27 @@ from pathlib import Path
 import torch
 
 from model import GPT, GPTConfig
-from plumbing import files, hf_checkpoint
-from plumbing.errors import UserError, reported
+from plumbing import files, hf_checkpoint, outputs
+from plumbing.errors import reported
 
 
 def write_tiny_model(out, n_layer=4, n_head=4, n_embd=128, seed=0):
     out = Path(out)
-    if (out / "model.safetensors").exists():
-        raise UserError(f"{out} already holds a model.safetensors")
-    torch.manual_seed(seed)
-    config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)  # GPT-2's vocabulary and 1024 positions
-    model = GPT(config)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {name: t.contiguous() for name, t in hf_checkpoint.hf_state_dict(model.state_dict()).items()}
-    files.save_safetensors(state, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_checkpoint.hf_config(config), indent=1))
+    with outputs.folder(out, holds=["model.safetensors", "config.json"], flag=None, option="OUT"):
+        torch.manual_seed(seed)
+        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd)  # GPT-2's vocabulary and 1024 positions
+        model = GPT(config)
+        state = {name: t.contiguous() for name, t in hf_checkpoint.hf_state_dict(model.state_dict()).items()}
+        files.save_safetensors(state, out / "model.safetensors")
+        with files.atomic_write(out / "config.json") as f:
+            f.write(json.dumps(hf_checkpoint.hf_config(config), indent=1).encode())
     print(f"wrote a random {n_layer}-layer, {n_embd}-wide GPT-2 to {out}: train.py --model {out}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a tiny random GPT-2 checkpoint (for part 6 on a CPU).")
     p.add_argument("out", metavar="OUT", help="the folder to write model.safetensors and config.json into")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of the random weights (default: %(default)s)")
     args = p.parse_args(argv)
     with reported():
         write_tiny_model(args.out, seed=args.seed)

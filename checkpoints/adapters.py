@@ -25,7 +25,6 @@ zero update (A = B = 0), which adds exactly 0: our format has one set of targets
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +34,9 @@ import torch.nn as nn
 import lora
 from lora import LoRAConfig
 from plumbing.errors import UserError
-from plumbing.files import atomic_dir, load_safetensors, read_safetensors_header, save_safetensors
+from plumbing.files import load_safetensors, read_safetensors_header, save_safetensors
 from plumbing.hf_checkpoint import PRETRAINED, RELEASED_SHAPE, SHAPE_KEYS, read_config_json, shape_of
+from plumbing.outputs import check_new_folder, new_folder
 
 # ----------------------------------------------------------------------------------------------------------
 # Our format.
@@ -153,30 +153,19 @@ def number(x):
 
 
 def export(adapter, out, force=False):
-    """Write our adapter file `adapter` as a PEFT adapter folder `out` (atomically); returns out."""
+    """Write our adapter file `adapter` (or the one in a train.py run folder) as a PEFT adapter folder `out`,
+    made whole under a temporary name (plumbing/outputs.py); returns out."""
+    check_new_folder(out, force)
+    adapter = adapter_path(adapter)
     info = read_config(adapter)
     tensors, _ = load_safetensors(adapter)
     peft_tensors, adapter_config = to_peft(tensors, info)
     hint = dict(targets=list(info.lora.targets), alpha=info.lora.alpha, init=info.lora.init,
                 data_format=info.data_format, shape=info.shape)
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (--force replaces it)")
-    old = out.with_name(f".{out.name}.old") if out.exists() else None
-    if old is not None:
-        out.rename(old)  # moved aside, and removed only once the new folder is complete
-    try:
-        with atomic_dir(out) as tmp:
-            (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
-            save_safetensors(peft_tensors, tmp / "adapter_model.safetensors",
-                             {"format": "pt", HINT_KEY: json.dumps(hint)})
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
-    return out
+    with new_folder(out, force) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+        save_safetensors(peft_tensors, tmp / "adapter_model.safetensors", {"format": "pt", HINT_KEY: json.dumps(hint)})
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The one way the scripts load a model: a base model, a base model plus an adapter, or a merged checkpoint."""
 
+import sys
 from pathlib import Path
 
 import lora
@@ -45,3 +46,17 @@ def trainable_report(model):
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+
+
+def new_token_budget(max_new_tokens, prompt_len, block_size, what="prompt"):
+    """How many tokens sample.py and eval.py generate after a prompt of prompt_len tokens: --max_new_tokens, capped
+    (with a note on stderr) at the positions the model has left after the prompt. A prompt that fills every
+    position leaves nothing to generate: a one-line error."""
+    room = block_size - prompt_len
+    if room < 1:
+        raise UserError(f"the {what} is {prompt_len} tokens, and the model has {block_size} positions: nothing is "
+                        "left to generate (shorten it)")
+    if max_new_tokens > room:
+        print(f"note: --max_new_tokens {max_new_tokens} capped at {room}: the {what} has {prompt_len} tokens and the "
+              f"model {block_size} positions", file=sys.stderr)
+    return min(max_new_tokens, room)

@@ -6,7 +6,6 @@ missing file at once, each with the URL it comes from and the path to put it.
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from checkpoints.adapters import save_adapter
 from data import tasks
 from data.e2e import prepare
 from lora import lora_state_dict
-from plumbing import files, hf_checkpoint, stopping
+from plumbing import files, hf_checkpoint, outputs, stopping
 from plumbing.device import pick_device
 from plumbing.errors import UserError
 
@@ -32,14 +31,6 @@ def check_numbers(args, rules):
     for name, (test, what) in rules.items():
         value = getattr(args, name)
         require(value is None or test(value), f"--{name} {value}: must be {what}")
-
-
-def writable_folder(path):
-    """A one-line error unless `path` is, or can be made, a folder we can write into."""
-    path = Path(path).absolute()
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    require(existing.is_dir(), f"{existing} is a file, not a folder")
-    require(os.access(existing, os.W_OK | os.X_OK), f"cannot write to {existing} (permission denied or read-only)")
 
 
 def check_train(args, world_size):
@@ -69,9 +60,10 @@ def check_train(args, world_size):
     shape = hf_checkpoint.known_shape(args.model)
     require(shape is None or args.rank <= shape["n_embd"], f"--rank {args.rank}: must be at most the model's n_embd "
             f"({shape and shape['n_embd']}): B A cannot have a higher rank than its smaller side")
-    writable_folder(out)
-    writable_folder(args.data)
-    tasks.fetch_or_list(downloads_for(args.model, args.data, ("train", "dev"), args.preset))
+    outputs.check_folder(out)  # made by the first save (plumbing/files.py's atomic_write)
+    outputs.check_folder(args.data)
+    with files.removed_on_failure(args.data):  # a --data folder made for the downloads goes if one fails
+        tasks.fetch_or_list(downloads_for(args.model, args.data, ("train", "dev"), args.preset))
     return device
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):  # run as `python data/tasks.py`: the project's root, to import plumbing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from plumbing import files  # noqa: E402
+from plumbing import files, outputs  # noqa: E402
 from plumbing.errors import UserError, reported  # noqa: E402
 
 EOT = 50256  # <|endoftext|>: GPT-2's one special token, ending every example (and padding batches)
@@ -317,10 +317,11 @@ def data_dir(task):
 
 def prepare_files(out, paths, reader=read_examples, data_format=FORMAT, force=False):
     """Read each split's file with reader and write the split into out; every file is read (and checked) before
-    anything is written. Returns {split: (examples, tokens)}."""
-    enc = get_tokenizer()
-    examples = {split: reader(path) for split, path in paths.items()}
-    return {split: write_split(out, split, enc, found, force, data_format) for split, found in examples.items()}
+    anything is written, and if anything fails an `out` made here goes. Returns {split: (examples, tokens)}."""
+    with output_folder(out, paths, force):
+        enc = get_tokenizer()
+        examples = {split: reader(path) for split, path in paths.items()}
+        return {split: write_split(out, split, enc, found, force, data_format) for split, found in examples.items()}
 
 
 def prepare_task(out, source, splits, names, urls, what, reader, data_format, force=False):
@@ -328,9 +329,16 @@ def prepare_task(out, source, splits, names, urls, what, reader, data_format, fo
     naming every file that could not be had), then prepared into out."""
     out = Path(out)
     paths = {split: Path(source or out) / names[split] for split in splits}
-    if source is None:
-        fetch_or_list([(f"{what} {paths[s].name}", urls[s], paths[s]) for s in splits if not paths[s].is_file()])
-    return prepare_files(out, paths, reader, data_format, force)
+    with output_folder(out, paths, force):  # checked before the downloads, and gone if they fail
+        if source is None:
+            fetch_or_list([(f"{what} {paths[s].name}", urls[s], paths[s]) for s in splits if not paths[s].is_file()])
+        return prepare_files(out, paths, reader, data_format, force)
+
+
+def output_folder(out, splits, force):
+    """The prepared folder as an output (plumbing/outputs.py): the files of `splits` are refused if they are there
+    already, unless `force`."""
+    return outputs.folder(out, holds=[name for split in splits for name in split_files(split)], force=force)
 
 
 def print_written(written, out):
@@ -342,11 +350,13 @@ def task_main(argv, description, default_out, names, urls, what, reader, data_fo
     """The command line of data/webnlg/prepare.py and data/dart/prepare.py."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--source", type=Path, default=None, help=f"a folder holding {', '.join(names.values())}; they "
-                   "are read from there (nothing is downloaded)")
+                   "are read from there (nothing is downloaded) (default: none, they are downloaded into --out)")
     p.add_argument("--out", "--data", dest="out", type=Path, default=default_out,
                    help=f"the folder to write to (and download to); default {default_out}")
-    p.add_argument("--splits", nargs="+", choices=list(names), default=list(names))
-    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before")
+    p.add_argument("--splits", nargs="+", choices=list(names), default=list(names),
+                   help="the splits to prepare (default: all three)")
+    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before "
+                   "(default: refuse)")
     args = p.parse_args(argv)
     with reported():
         written = prepare_task(args.out, args.source, args.splits, names, urls, what, reader, data_format, args.force)
@@ -362,7 +372,8 @@ def main(argv=None):
     p.add_argument("--test", type=Path, default=None, help="the examples eval.py decodes and scores (default: none; "
                    "eval.py --split dev scores the dev examples)")
     p.add_argument("--out", type=Path, required=True, help="the folder to write, e.g. data/mine")
-    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before")
+    p.add_argument("--force", action="store_true", help="replace the files of a split prepared before "
+                   "(default: refuse)")
     args = p.parse_args(argv)
     paths = {split: getattr(args, split) for split in ("train", "dev", "test") if getattr(args, split) is not None}
     with reported():

@@ -2,8 +2,10 @@
 
 This is the lowest layer of the project. It needs only the standard library, numpy, torch and tqdm.
 
-- atomic_write / atomic_dir: every file or folder a user makes is written under a temporary name and
-  renamed at the end, so a crash or Ctrl-C never leaves a half-written checkpoint under the real name.
+- atomic_write: every file a user makes is written under a temporary name and renamed at the end, so a
+  crash or Ctrl-C never leaves a half-written checkpoint under the real name (a whole folder: outputs.new_folder);
+  made_folders makes the folders on the way and removes them again if the write fails. (The checks a
+  command makes on its output before any work, and its one way to open it, are plumbing/outputs.py.)
 - load_safetensors / read_safetensors_header / save_safetensors: the safetensors format, read and written
   by hand (https://huggingface.co/docs/safetensors). A file is
       8 bytes     N, the header length, an unsigned 64-bit little-endian integer
@@ -48,12 +50,38 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _temp_name(path: Path, suffix: str) -> Path:
+def temp_name(path: Path, suffix: str) -> Path:
     """A fresh hidden name next to `path`, e.g. `.model.safetensors.3fa9c2d1.tmp`.
 
     It must be in the same folder as `path`: os.replace is atomic only within one file system.
     """
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+
+
+@contextmanager
+def removed_on_failure(folder, keep=lambda: False) -> Iterator[Path]:
+    """If the block raises, remove the folders on the way to `folder` that did not exist before it (the topmost of
+    them, with everything the block put into it), unless keep() says it now holds something worth keeping."""
+    folder = Path(folder)
+    missing = [p for p in [folder, *folder.absolute().parents] if not p.exists()]
+    try:
+        yield folder
+    except BaseException:
+        if missing and missing[-1].exists() and not keep():
+            shutil.rmtree(missing[-1], ignore_errors=True)
+        raise
+
+
+@contextmanager
+def made_folders(folder, keep=lambda: False) -> Iterator[Path]:
+    """Make `folder` and its missing parents, removed again if the block raises (see removed_on_failure). A
+    folder that cannot be made (a read-only file system, a file in the way) is a one-line UserError."""
+    with removed_on_failure(folder, keep):
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make the folder {folder}: {e.strerror or e}") from None
+        yield Path(folder)
 
 
 @contextmanager
@@ -64,21 +92,22 @@ def atomic_write(path) -> Iterator[BinaryIO]:
     bytes or all of the new ones. If the body raises, the temporary file is removed and `path` is untouched.
     """
     path = Path(path)
-    tmp = _temp_name(path, ".tmp")
+    tmp = temp_name(path, ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Mode "xb" (not tempfile.mkstemp) so the file gets the user's usual permissions, not 0600.
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk, a read-only folder: one line, and the old file stays
-            raise UserError(f"could not write {path}: {e.strerror or e}") from None
-        raise
+        with made_folders(path.parent):  # a folder made for it goes too if the write fails
+            try:
+                # Mode "xb" (not tempfile.mkstemp) so the file gets the user's usual permissions, not 0600.
+                with open(tmp, "xb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+    except OSError as e:  # a full disk, a read-only folder: one line, and the old file stays
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def atomic_torch_save(obj, path):
@@ -88,30 +117,6 @@ def atomic_torch_save(obj, path):
     torch.save(obj, buffer)
     with atomic_write(path) as f:
         f.write(buffer.getbuffer())
-
-
-@contextmanager
-def atomic_dir(path) -> Iterator[Path]:
-    """Yield a temporary folder next to `path`; on success it is renamed to `path`, on error removed.
-
-    Raises UserError if `path` already exists: we never mix a new checkpoint into an old one.
-    """
-    path = Path(path)
-    if path.exists():
-        raise UserError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path, ".tmpdir")
-    tmp.mkdir()
-    try:
-        yield tmp
-        # Checked again: something may have created `path` while the body ran, and on POSIX a rename
-        # onto an existing empty folder would silently replace it.
-        if path.exists():
-            raise UserError(f"{path} already exists")
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -403,8 +408,15 @@ def download(url: str, dest, desc: str | None = None) -> Path:
     dest = Path(dest)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    # A folder made for it goes again if nothing arrived; a .part that did stays, for the next call to resume.
+    with made_folders(dest.parent, keep=part.exists):
+        _download(url, dest, part, desc)
+    return dest
+
+
+def _download(url, dest, part, desc):
+    """download's work, into the folder it has made: `part` filled, then renamed to `dest`."""
 
     def failed(reason: str) -> UserError:
         return UserError(f"could not download {url} ({reason}); download it by hand and put it at {dest}")
@@ -425,4 +437,3 @@ def download(url: str, dest, desc: str | None = None) -> Path:
         except (OSError, http.client.HTTPException, ValueError) as err:
             raise failed(_failure_reason(err)) from None
     os.replace(part, dest)
-    return dest

@@ -147,7 +147,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     out = tmp_path / "eval"
     out.mkdir()
     (out / "predictions_dev.txt").write_text("mine\n")
-    with pytest.raises(SystemExit, match="predictions_dev.txt exists .*pass --force"):
+    with pytest.raises(SystemExit, match="predictions_dev.txt already exists; pass --force"):
         eval.main(["--model", str(tiny_gpt2), "--split", "dev", "--out", str(out), "--data", str(e2e_small)])
     assert (out / "predictions_dev.txt").read_text() == "mine\n"
     (tmp_path / "similarity_layer0_q.png").write_bytes(b"mine")
@@ -155,7 +155,7 @@ def test_nothing_a_user_made_is_overwritten(tiny_gpt2, e2e_small, e2e_src, tmp_p
     class Args:
         out, force = tmp_path, False
 
-    with pytest.raises(UserError, match="similarity_layer0_q.png exists .*pass --force"):
+    with pytest.raises(UserError, match="similarity_layer0_q.png already exists; pass --force"):
         analyze.plot_paths_free(Args, "similarity", [(0, "q"), (1, "q")])
     Args.force = True
     assert analyze.plot_paths_free(Args, "similarity", [(0, "q")])
@@ -332,3 +332,27 @@ def test_a_rank_above_n_embd_and_too_many_samples_are_refused_first(tiny_gpt2, e
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit, match=r"^error: --num_samples 1025: at most 1024"):
         sample.main(["--model", str(tmp_path / "no-such-model"), "--num_samples", "1025"])
+
+
+@tokenizer
+def test_e2e_prepare_offline_names_every_missing_csv_and_leaves_no_folder(tmp_path, monkeypatch):
+    """The README promises one error naming every file to fetch by hand; --out a/b/c is not left behind."""
+    for split, name in prepare.SPLITS.items():
+        monkeypatch.setitem(prepare.URLS, split, closed_port_url(name))
+    with pytest.raises(SystemExit) as err:
+        prepare.main(["--out", str(tmp_path / "a" / "b" / "c")])
+    message = str(err.value)
+    assert message.startswith("error: could not download") and "\n" not in message
+    for name in prepare.SPLITS.values():
+        assert f"E2E {name}: {prepare.URLS[[s for s, n in prepare.SPLITS.items() if n == name][0]]} -> " \
+               f"{tmp_path / 'a' / 'b' / 'c' / name}" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_peft_export_takes_a_run_folder_like_every_command(tiny_gpt2, tmp_path):
+    from tools import peft_adapter
+
+    (tmp_path / "run").mkdir()
+    train_tiny_adapter(tiny_gpt2, tmp_path / "run" / "adapter.safetensors", steps=1)
+    out = peft_adapter.main(["export", str(tmp_path / "run"), str(tmp_path / "peft")])
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

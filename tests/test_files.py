@@ -17,7 +17,6 @@ import torch
 
 from plumbing.errors import UserError
 from plumbing.files import (
-    atomic_dir,
     atomic_write,
     cache_dir,
     download,
@@ -229,7 +228,7 @@ def test_null_metadata_is_accepted_like_the_reference(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# atomic_write, atomic_dir, cache_dir
+# atomic_write, outputs.new_folder, cache_dir
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -260,19 +259,21 @@ def test_atomic_write_error_keeps_old_bytes(tmp_path):
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
-def test_atomic_dir_success_error_and_existing(tmp_path):
+def test_new_folder_success_error_and_existing(tmp_path):
+    from plumbing.outputs import new_folder
+
     target = tmp_path / "run"
-    with atomic_dir(target) as d:
+    with new_folder(target) as d:
         (d / "model.safetensors").write_bytes(b"x")
         assert not target.exists()
     assert os.listdir(target) == ["model.safetensors"]
     assert os.listdir(tmp_path) == ["run"]
 
-    with pytest.raises(UserError, match="run already exists"), atomic_dir(target):
+    with pytest.raises(UserError, match="run already exists"), new_folder(target):
         pass
 
     other = tmp_path / "run2"
-    with pytest.raises(ValueError), atomic_dir(other) as d:
+    with pytest.raises(ValueError), new_folder(other) as d:
         (d / "half").write_bytes(b"x")
         raise ValueError
     assert os.listdir(tmp_path) == ["run"]
@@ -428,3 +429,65 @@ def test_download_unreachable_server(tmp_path, monkeypatch):
         download(url, dest)
     assert "\n" not in str(err.value)
     assert not dest.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# plumbing/outputs.py: the one way a command makes its output
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_output_folder_made_for_a_failed_command_goes_with_its_parents(tmp_path):
+    from plumbing import outputs
+
+    for failure in (UserError("no"), KeyboardInterrupt(), SystemExit(1)):
+        with pytest.raises(type(failure)), outputs.folder(tmp_path / "a" / "b" / "c") as out:
+            (out / "half.txt").write_text("half")
+            raise failure
+        assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError), outputs.folder(tmp_path / "mine" / "new") as out:
+        raise UserError("no")
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]  # what was there stays
+    with pytest.raises(KeyboardInterrupt), outputs.folder(tmp_path / "run", kept_when="ckpt.pt") as out:
+        (out / "ckpt.pt").write_bytes(b"resumable")
+        raise KeyboardInterrupt
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == b"resumable"  # a run that can be resumed is kept
+
+
+def test_an_output_is_checked_before_any_work(tmp_path, monkeypatch):
+    from plumbing import outputs
+
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UserError, match=r"file is a file, not a folder$"):
+        outputs.check_folder(tmp_path / "file" / "out")
+    with pytest.raises(UserError, match=r"out is a folder, not a file$"):
+        (tmp_path / "out").mkdir()
+        outputs.check_file(tmp_path / "out")
+    with pytest.raises(UserError, match=r"file already exists; pass --force to replace it, or give another --json$"):
+        outputs.check_file(tmp_path / "file", option="--json")
+    with pytest.raises(UserError, match=r"out already exists; give another --out$"):
+        outputs.check_new_folder(tmp_path / "out", flag=None)
+    real_access = os.access  # root may write anywhere: the read-only folder is os.access's answer for others
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False if "ro" in str(path) else real_access(path, mode))
+    (tmp_path / "ro").mkdir()
+    with pytest.raises(UserError, match=r"cannot write to .*ro \(permission denied or read-only\)$"):
+        outputs.check_folder(tmp_path / "ro" / "a" / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out", "ro"]
+
+
+def test_new_folder_appears_whole_or_not_at_all_and_force_replaces_only_when_complete(tmp_path):
+    from plumbing import outputs
+
+    with outputs.new_folder(tmp_path / "x" / "out") as tmp:
+        (tmp / "a.txt").write_text("1")
+        assert not (tmp_path / "x" / "out").exists()
+    assert [p.name for p in (tmp_path / "x" / "out").iterdir()] == ["a.txt"]
+    with pytest.raises(KeyboardInterrupt), outputs.new_folder(tmp_path / "x" / "out", force=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.txt", "out", "x"]  # the old one, untouched
+    with outputs.new_folder(tmp_path / "x" / "out", force=True) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.txt", "out", "x"]

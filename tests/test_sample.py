@@ -116,7 +116,8 @@ ERRORS = {
     "missing adapter": (["--adapter", "{tmp}/none.safetensors"], "cannot read"),
     "not an adapter": (["--adapter", "{tiny}/model.safetensors"], "not a lora-gpt adapter"),
     "adapter for another model": (["--adapter", "{adapter}", "--model", "{small}"], "does not fit"),
-    "prompt too long": (["--model", "{tiny}", "--prompt", "word " * 200], "than the model's 128 positions"),
+    "prompt too long": (["--model", "{tiny}", "--prompt", "word " * 200], "the model has 128 positions: nothing is "
+                        "left to generate"),
     "adapter and merged": (["--adapter", "{adapter}", "--merged", "{tiny}"], "cannot be used together"),
     "prompt and mr": (["--model", "{tiny}", "--prompt", "a", "--mr", MR], "cannot be used together"),
     "missing prompt file": (["--model", "{tiny}", "--prompt", "FILE:{tmp}/no.txt"], "cannot read the prompt"),
@@ -152,3 +153,12 @@ def test_several_adapters_are_each_sampled_as_if_loaded_alone(tiny_gpt2, adapter
         assert f"=== adapter {path}: " in printed and f"--- greedy ---\n{alone[str(path)][0]}\n" in printed
     assert printed.index(f"=== adapter {adapter}") < printed.index(f"=== adapter {other}") < printed.index(
         f"=== adapter {peft}")
+
+
+def test_max_new_tokens_beyond_the_model_is_capped_as_in_eval(tiny_gpt2, capsys):
+    """--max_new_tokens 100000 used to be refused here and capped by eval.py; both now cap it at the positions the
+    model has left after the prompt (128 - 2 tokens of "Hello world"), with the same note."""
+    sample.main(["--model", str(tiny_gpt2), "--prompt", "Hello world", "--greedy", "--max_new_tokens", "100000",
+                 "--device", "cpu"])
+    assert "note: --max_new_tokens 100000 capped at 126: the prompt has 2 tokens and the model 128 positions" in \
+        capsys.readouterr().err

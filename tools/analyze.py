@@ -28,7 +28,9 @@ from lora_analysis import (
 )
 from model import GPT
 from plumbing import files as checkpoint
+from plumbing import outputs
 from plumbing.errors import UserError, reported
+from plumbing.files import removed_on_failure
 from plumbing.hf_checkpoint import shape_of
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,10 +144,7 @@ PLOT_HINT = "(tables only: pip install matplotlib for the heatmaps)"
 
 def plot_paths_free(args, kind, chosen):
     """True; a one-line error, before any work, if a heatmap would replace an earlier one without --force."""
-    taken = [p for p in (Path(args.out) / f"{kind}_layer{layer}_{proj}.png" for layer, proj in chosen) if p.exists()]
-    if taken and not args.force:
-        raise UserError(f"{taken[0]} exists ({len(taken)} of the heatmaps do); pass --force to replace "
-                         f"them, or another --out")
+    outputs.check_folder(args.out, [f"{kind}_layer{layer}_{proj}.png" for layer, proj in chosen], args.force)
     return True
 
 
@@ -286,7 +285,7 @@ def build_parser():
     sim.add_argument("--targets", "--target", nargs="+", choices=TARGETS, default=None,
                      help="which projections, as train.py's --targets (default: all in both adapters)")
     sim.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
-    sim.add_argument("--force", action="store_true", help="replace heatmaps written before")
+    sim.add_argument("--force", action="store_true", help="replace heatmaps written before (default: refuse)")
     sim.set_defaults(run=run_similarity)
     dw = commands.add_parser("deltaw", help="Delta W against W: Table 7 and Figure 8 (section 7.3)")
     dw.add_argument("adapter", help="adapter file (.safetensors written by train.py) or PEFT folder")
@@ -294,14 +293,14 @@ def build_parser():
                     help="base model name or path (default: the base model named in the adapter)")
     dw.add_argument("--layer", default="all", help="a layer number, or 'all' (default)")
     dw.add_argument("--out", default="analysis", help="folder for the PNG heatmaps (default: analysis)")
-    dw.add_argument("--force", action="store_true", help="replace heatmaps written before")
+    dw.add_argument("--force", action="store_true", help="replace heatmaps written before (default: refuse)")
     dw.set_defaults(run=run_deltaw)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    with reported():
+    with reported(), removed_on_failure(args.out):  # a heatmap folder made for a run that fails goes
         args.run(args)
 
 

@@ -930,14 +930,18 @@ def print_section(title, notes, rows):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Speed and memory of lora-gpt against transformers + PEFT, as ratios "
                                 "measured in one run on the same weights and inputs.")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, or e.g. cuda:0")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, or e.g. cuda:0 "
+                   "(default: %(default)s)")
     p.add_argument("--sections", nargs="+", type=int, choices=sorted(SECTIONS), default=None,
                    help="which sections to run (default 1-4 and 6, and 5 on CUDA or with --peak_tflops)")
-    p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, 16 new tokens: a smoke test")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (the median is reported)")
+    p.add_argument("--quick", action="store_true", help="2 rounds, 1 warm-up, 16 new tokens: a smoke test "
+                   "(default: off)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (the median is "
+                   "reported) (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides' training (section 1, 5), and a "
-                   "compiled decode step beside the plain one (section 3)")
-    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s for MFU")
+                   "compiled decode step beside the plain one (section 3) (default: off)")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s for MFU "
+                   "(default: none, no MFU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process "
                    "may use)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)

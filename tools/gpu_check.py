@@ -344,9 +344,9 @@ CHECKS = {"parity": check_parity, "merge": check_merge, "bf16": check_bf16, "com
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="The checks that need a CUDA GPU, with one report (PASS/FAIL and "
                                 "numbers). Without CUDA: a short CPU dry run on tiny shapes.")
-    p.add_argument("--dry_run", action="store_true", help="the CPU dry run even where there is CUDA")
-    p.add_argument("--skip_bench", action="store_true", help="leave out bench.py's sections 3, 5 and 6")
-    p.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run these checks only")
+    p.add_argument("--dry_run", action="store_true", help="the CPU dry run even where there is CUDA (default: off)")
+    p.add_argument("--skip_bench", action="store_true", help="leave out bench.py's sections 3, 5 and 6 (default: off)")
+    p.add_argument("--only", nargs="+", choices=list(CHECKS), default=None, help="run these checks only (default: all)")
     return p.parse_args(argv)
 
 

@@ -15,7 +15,8 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     ex = commands.add_parser("export", help="write an adapter file as a PEFT adapter folder "
                              "(adapter_config.json + adapter_model.safetensors)")
-    ex.add_argument("adapter", type=Path, help="the adapter file (.safetensors, from train.py)")
+    ex.add_argument("adapter", type=Path, help="the adapter file (.safetensors, from train.py) or a train.py run "
+                    "folder")
     ex.add_argument("out", type=Path, help="the folder to write; PeftModel.from_pretrained(GPT2LMHeadModel, out) "
                     "loads it")
     ex.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")

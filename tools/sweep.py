@@ -28,9 +28,9 @@ import torch
 from beam import check_beam_width
 from data.e2e import prepare
 from lora import TARGETS
-from plumbing import stopping
+from plumbing import outputs, stopping
 from plumbing.errors import UserError, reported
-from plumbing.files import atomic_write, read_safetensors_header
+from plumbing.files import atomic_write, read_safetensors_header, removed_on_failure
 from tools import plot
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository, where train.py and eval.py are
@@ -51,13 +51,15 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="sweep", required=True)
     ranks = sub.add_parser("ranks", help="one adapter per rank on fixed targets (Table 18)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ranks.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64])
-    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS)
+    ranks.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64], help="the LoRA ranks r, one "
+                       "run each")
+    ranks.add_argument("--targets", nargs="+", default=["q", "v"], choices=TARGETS, help="the projections every "
+                       "run updates")
     targets = sub.add_parser("targets", help="one adapter per target set and rank (Tables 5 and 6)",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     targets.add_argument("--grid", nargs="+", default=TABLE5, help="settings TARGETS:RANK, e.g. q,v:4")
     for sp in (ranks, targets):
-        sp.add_argument("--out", default=None, help="folder of the runs and the table (default sweep_<kind>)")
+        sp.add_argument("--out", default=None, help="folder of the runs and the table (None: sweep_KIND)")
         sp.add_argument("--data", default=str(prepare.DATA_DIR), help="prepared E2E data, for train and eval")
         sp.add_argument("--eval_split", default="test", choices=["test", "dev"], help="what eval.py decodes")
         sp.add_argument("--eval_limit", type=int, default=None, help="decode only the first N MRs (quick runs)")
@@ -144,6 +146,7 @@ def sweep(args):
             raise UserError(f"{name}: rank {rank} must be at least 1")
     if args.eval_limit is not None and args.eval_limit < 1:
         raise UserError(f"--eval_limit must be at least 1, got {args.eval_limit}")
+    outputs.check_folder(args.out)  # the runs' folders and the tables; a sweep started again continues it
     rows = []
     for name, targets, rank in settings(args):
         run = args.out / name
@@ -209,7 +212,8 @@ def write_tables(out, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    with reported():
+    # A folder made for a sweep that fails before its first run has saved anything goes again.
+    with reported(), removed_on_failure(args.out, keep=lambda: any(args.out.glob("*/ckpt.pt"))):
         return sweep(args)
 
 

@@ -19,7 +19,8 @@ Written into the data folder (data/e2e/ unless --out), per split, all or none of
     {split}_mrs.json  each unique MR once, in order, with its prompt text and references (for eval.py)
     {split}.txt       paper format only: "context||completion " per example, the LoRA repository's line format
 
-The scripts import its formats; it imports only the plumbing layer (errors, downloads) of the project.
+The scripts import its formats; it imports only data/tasks.py (tokenizer, downloads) and the plumbing layer (errors,
+outputs) of the project.
 """
 
 import argparse
@@ -38,14 +39,15 @@ if __package__ in (None, ""):  # run as `python data/e2e/prepare.py`: the projec
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data import tasks  # noqa: E402
 from data.tasks import EOT, get_tokenizer  # noqa: E402
+from plumbing import outputs  # noqa: E402
 from plumbing.errors import UserError, reported  # noqa: E402
-from plumbing.files import download  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 SPLITS = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 E2E_URL = "https://raw.githubusercontent.com/tuetschek/e2e-dataset/master/"
 URLS = {split: E2E_URL + name for split, name in SPLITS.items()}
 FORMATS = ("paper", "plain")
+SPLIT_FILES = (".npz", "_mrs.json", ".txt")  # what a split is written as: {split}.npz, {split}_mrs.json, ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def prepare_missing(data_dir, splits, data_format, task="e2e"):
 
 def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="paper", force=False):
     """Tokenize the CSVs of `splits` (read from `source`, or from data_dir where missing ones are downloaded)
-    and write each split's files into data_dir. Returns {split: (number of examples, number of tokens)}."""
+    and write each split's files into data_dir. Returns {split: (number of examples, number of tokens)}.
+    Every CSV is read (and checked) before anything is written; if anything fails, a data_dir made here goes."""
     data_dir = Path(data_dir)
     if data_format not in FORMATS:
         raise UserError(f"unknown data format {data_format!r}: use {' or '.join(FORMATS)}")
@@ -223,27 +226,29 @@ def prepare(data_dir=DATA_DIR, source=None, splits=tuple(SPLITS), data_format="p
         if not force and is_prepared(data_dir, split):
             raise UserError(f"{data_dir} already holds {split} in the {read_format(data_dir, split)} format; "
                              f"pass --force to replace it, or another --out")
-    enc = get_tokenizer()
-    written = {}
-    for split in splits:
-        csv_path = Path(source or data_dir) / SPLITS[split]
-        if source is None and not csv_path.is_file():
-            download(URLS[split], csv_path, desc=f"E2E {csv_path.name}")
-        rows = read_csv(csv_path)
-        tokens, offsets, prompt_lens = [], [0], []
-        for mr, ref in tqdm(rows, desc=f"tokenizing {split}", unit=" rows"):
-            example, prompt_len = example_tokens(enc, mr, ref, data_format, split)
-            tokens.extend(example)
-            offsets.append(len(tokens))
-            prompt_lens.append(prompt_len)
-        mrs = [{"mr": mr, "refs": refs, "format_refs": [completion_text(r, data_format, split)[1:] for r in refs]}
-               for mr, refs in unique_mrs(rows)]
-        try:  # the folder is made only now: a CSV that fails to read leaves no empty folder behind
-            data_dir.mkdir(parents=True, exist_ok=True)
-            write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format)
-        except OSError as e:  # a full disk, a read-only folder
-            raise UserError(f"could not write {split}'s files into {data_dir}: {e.strerror or e}") from None
-        written[split] = (len(rows), len(tokens))
+    made = [f"{split}{suffix}" for split in splits for suffix in SPLIT_FILES]  # a file of a split half there too
+    with outputs.folder(data_dir, holds=made, force=force):
+        enc = get_tokenizer()
+        csvs = {split: Path(source or data_dir) / SPLITS[split] for split in splits}
+        if source is None:  # one error names every file that could not be downloaded
+            tasks.fetch_or_list([(f"E2E {path.name}", URLS[split], path) for split, path in csvs.items()
+                                 if not path.is_file()])
+        rows_of = {split: read_csv(path) for split, path in csvs.items()}
+        written = {}
+        for split, rows in rows_of.items():
+            tokens, offsets, prompt_lens = [], [0], []
+            for mr, ref in tqdm(rows, desc=f"tokenizing {split}", unit=" rows"):
+                example, prompt_len = example_tokens(enc, mr, ref, data_format, split)
+                tokens.extend(example)
+                offsets.append(len(tokens))
+                prompt_lens.append(prompt_len)
+            mrs = [{"mr": mr, "refs": refs, "format_refs": [completion_text(r, data_format, split)[1:] for r in refs]}
+                   for mr, refs in unique_mrs(rows)]
+            try:
+                write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_format)
+            except OSError as e:  # a full disk, a read-only folder
+                raise UserError(f"could not write {split}'s files into {data_dir}: {e.strerror or e}") from None
+            written[split] = (len(rows), len(tokens))
     return written
 
 
@@ -267,8 +272,12 @@ def write_split(data_dir, split, rows, tokens, offsets, prompt_lens, mrs, data_f
 
 def read_format(data_dir, split):
     """The format a prepared split was written in ('plain' for files from before formats were recorded)."""
-    with np.load(Path(data_dir) / f"{split}.npz") as f:
-        return str(f["format"]) if "format" in f.files else "plain"
+    path = Path(data_dir) / f"{split}.npz"
+    try:
+        with np.load(path) as f:
+            return str(f["format"]) if "format" in f.files else "plain"
+    except Exception as e:  # a truncated or foreign file: numpy and zipfile raise many kinds
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); prepare {split} again with --force") from None
 
 
 def load_mrs(data_dir, split):
@@ -288,13 +297,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Download the E2E NLG CSVs and tokenize them into prompt + "
                                      "completion examples: {split}.npz, {split}_mrs.json (and {split}.txt).")
     parser.add_argument("--source", type=Path, default=None, help="a folder holding trainset.csv, devset.csv, "
-                        "testset_w_refs.csv; they are read from there (nothing is downloaded or copied)")
+                        "testset_w_refs.csv; they are read from there (nothing is downloaded or copied) "
+                        "(default: none, they are downloaded into --out)")
     parser.add_argument("--out", "--data", dest="out", type=Path, default=DATA_DIR,
                         help=f"the folder to write to (and download the CSVs to); default {DATA_DIR}")
-    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
+    parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS),
+                        help="the splits to prepare (default: all three)")
     parser.add_argument("--format", choices=FORMATS, default="paper", help="paper: the LoRA repository's text, "
-                        "as the paper's numbers were made; plain: the official CSV text")
-    parser.add_argument("--force", action="store_true", help="replace the token files of a split prepared before")
+                        "as the paper's numbers were made; plain: the official CSV text (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="replace the token files of a split prepared before "
+                        "(default: refuse)")
     args = parser.parse_args(argv)
     with reported():
         written = prepare(args.out, args.source, args.splits, args.format, args.force)
