@@ -59,6 +59,7 @@ class Row:
     offline: bool = False
     damaged: bool = False
     stub: str | None = None
+    suffix: str = ""  # the output file's name ends so (a picture's format)
 
 
 ROWS = [
@@ -92,6 +93,7 @@ ROWS = [
         "assignments.grade:grade", stub="assignments.grade:grade"),
     Row("assignments tiny_model", "assignments.tiny_model:main", "{out}", "folder", "model.safetensors",
         "plumbing.hf_checkpoint:hf_config"),
+    Row("plot", "tools.plot:main", "{run} --out {out}", "file", "", "tools.plot:drawn", damaged=True, suffix=".png"),
 ]
 # Not in the table: tools.bench and tools.gpu_check write only into temporary folders of their own and read
 # nothing of the user's.
@@ -140,6 +142,9 @@ def inputs(tiny_gpt2, e2e_small, e2e_src, tmp_path_factory):
         good[folder] = root / folder
     good["jsonl"] = root / "mine.jsonl"
     good["jsonl"].write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
+    good["run"] = root / "run"  # train.py's log of two steps, the second with a dev loss
+    (root / "run" / "log.jsonl").write_text('{"step": 1, "loss": 10.9, "lr": 0.001}\n'
+                                            '{"step": 2, "loss": 10.8, "lr": 0.002, "val_loss": 10.85}\n')
     good["kit_repo"] = root / "student"
     good["kit_repo"].mkdir()
 
@@ -161,6 +166,9 @@ def inputs(tiny_gpt2, e2e_small, e2e_src, tmp_path_factory):
         (root / f"bad_{folder}").mkdir()
         (root / f"bad_{folder}" / name).write_text("<benchmark><entries>", encoding="utf-8")  # XML, not JSON
         bad[folder] = root / f"bad_{folder}"
+    bad["run"] = root / "bad_run"
+    bad["run"].mkdir()
+    (bad["run"] / "log.jsonl").write_text('{"step": 1, "loss": 10.9, "lr": 0.0\n')
     bad["jsonl"] = root / "bad.jsonl"
     bad["jsonl"].write_text('{"prompt": "a", "completion": \n', encoding="utf-8")
     return good, bad
@@ -234,22 +242,22 @@ def test_fault_table(row, fault, inputs, tmp_path, monkeypatch):
     place = tmp_path / "place"
     place.mkdir()
     monkeypatch.chdir(place)  # a default output in the working folder would land here, and be seen
-    out = place / "a" / "b" / "c"  # a new output: every folder on the way is made by the command
+    out = place / "a" / "b" / f"c{row.suffix}"  # a new output: every folder on the way is made by the command
     values = dict(bad if fault == "damaged" else good)
     if row.stub:
         monkeypatch.setattr(*resolve(row.stub), fake_report)
     if fault == "readonly":
         readonly_place(monkeypatch, place / "ro")
-        out = place / "ro" / "out"
+        out = place / "ro" / f"out{row.suffix}"
     elif fault == "file":
-        out = place / "taken"
+        out = place / f"taken{row.suffix}"
         if row.out == "file":
             out.mkdir()
             (out / "mine.txt").write_text("mine\n")
         else:
             out.write_text("mine\n")
     elif fault == "exists":
-        out = place / "out"
+        out = place / f"out{row.suffix}"
         mine = out if row.out == "file" else out / (row.exists or "mine.txt")
         mine.parent.mkdir(parents=True, exist_ok=True)
         mine.write_text("mine\n")

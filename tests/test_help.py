@@ -10,7 +10,7 @@ import pytest
 COMMANDS = ["train:main", "sample:main", "merge:main", "eval:main", "data.e2e.prepare:main", "data.webnlg.prepare:main",
             "data.dart.prepare:main", "data.tasks:main", "tools.peft_adapter:main", "tools.analyze:main",
             "tools.sweep:main", "tools.bench:main", "tools.gpu_check:main", "assignments.make:main",
-            "assignments.grade:main", "assignments.tiny_model:main"]
+            "assignments.grade:main", "assignments.tiny_model:main", "tools.plot:main"]
 
 
 class Parsed(Exception):

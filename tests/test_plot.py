@@ -79,7 +79,8 @@ def test_an_existing_picture_is_replaced_only_with_force_and_atomically(tmp_path
     (run / "loss.png").write_bytes(b"the user's own picture")
     with pytest.raises(SystemExit) as refused:
         plot.main([str(run)])
-    assert refused.value.code == f"error: {run / 'loss.png'} exists; pass --force to replace it, or another --out"
+    assert refused.value.code == (f"error: {run / 'loss.png'} already exists; pass --force to replace it, "
+                                  "or give another --out")
     assert (run / "loss.png").read_bytes() == b"the user's own picture"
 
     def disk_full(fd):
@@ -131,7 +132,7 @@ def test_out_must_be_a_picture_file(tmp_path):
     run = write_log(tmp_path / "run", LOG)
     with pytest.raises(SystemExit, match=r"^error: .*curves\.txt: the picture's name must end in .png, .pdf, .svg$"):
         plot.main([str(run), "--out", str(tmp_path / "curves.txt")])
-    with pytest.raises(SystemExit, match=r"^error: .*run is a folder; give the picture's file name$"):
+    with pytest.raises(SystemExit, match=r"^error: .*run is a folder, not a file$"):
         plot.main([str(run), "--out", str(run), "--force"])
 
 

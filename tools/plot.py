@@ -19,6 +19,7 @@ import io
 import json
 from pathlib import Path
 
+from plumbing import outputs
 from plumbing.errors import UserError, reported
 from plumbing.files import atomic_write
 
@@ -42,14 +43,12 @@ def require_matplotlib(what):
 
 
 def check_out(path, force):
-    """The output path, refused before any work if it is not a picture format or would replace a file unasked."""
+    """The output path, refused before any work if it is not a picture format, or by plumbing.outputs.check_file
+    (a folder, a place that cannot be written, a file it would replace without --force)."""
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path} is a folder; give the picture's file name")
-    if path.suffix.lower().lstrip(".") not in FORMATS:
+    if not path.is_dir() and path.suffix.lower().lstrip(".") not in FORMATS:
         raise UserError(f"{path}: the picture's name must end in {', '.join('.' + f for f in FORMATS)}")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; pass --force to replace it, or another --out")
+    outputs.check_file(path, force)
     return path
 
 
