@@ -391,3 +391,54 @@ def test_batch_refuses_padding_that_the_block_would_cut():
         beam_search_batch(model, [[1, 2], [1]], max_new_tokens=7)  # [1] alone gets 7 steps, padded only 6
     assert beam_search_batch(model, [[1, 2], [1]], beam=1, max_new_tokens=6, no_repeat_ngram=0) == [[3] * 6] * 2
     assert beam_search_batch(model, []) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoded text, cut as microsoft/LoRA's gpt2_decode.py cuts it
+
+# (decoded text, theirs, ours). theirs: gpt2_decode.py's
+#     enc.decode(_pred_tokens).split('<|endoftext|>')[0].split('\n\n')[0].strip()
+# worked out by hand (the `refer_dict[_key]['sample'] = ...` line; microsoft/LoRA's file is not in this project's
+# search index, its fork AK18k/LoRA has it at examples/NLG/src/gpt2_decode.py line 135). ours is cut_output: the
+# same, with any line break left turned into a space (theirs would write it into the one-line-per-output file).
+CUT_CASES = [
+    ("The Eagle is a pub.\n\nIt is cheap.", "The Eagle is a pub.", "The Eagle is a pub."),
+    ("The Eagle is a pub.<|endoftext|>It is cheap.", "The Eagle is a pub.", "The Eagle is a pub."),
+    (" A pub.\n\n\nIt is cheap.", "A pub.", "A pub."),  # the first two of three "\n"
+    ("A pub. \n\nB", "A pub.", "A pub."),  # the space before the cut is stripped
+    ("A\n\nB<|endoftext|>C", "A", "A"),
+    ("A<|endoftext|>B\n\nC", "A", "A"),  # <|endoftext|> is cut first
+    ("\n\nA pub.", "", ""),  # a blank line at the start leaves nothing
+    ("<|endoftext|>A pub.", "", ""),
+    ("", "", ""),
+    ("\t A pub.\u00a0 \n", "A pub.", "A pub."),  # str.strip: tabs, no-break spaces, a final "\n"
+    ("A pub.<|endoftext|", "A pub.<|endoftext|", "A pub.<|endoftext|"),  # not the whole marker: not cut
+    # a line break that is not "\n\n" is not cut: theirs keeps it, ours makes it a space
+    ("A pub.\nIt is cheap.", "A pub.\nIt is cheap.", "A pub. It is cheap."),
+    ("A pub.\n \nIt is cheap.", "A pub.\n \nIt is cheap.", "A pub.   It is cheap."),
+    ("A pub.\r\n\r\nIt is cheap.", "A pub.\r\n\r\nIt is cheap.", "A pub.  It is cheap."),
+]
+
+
+@pytest.mark.parametrize("text, theirs, ours", CUT_CASES)
+def test_cut_output_is_gpt2_decode_rule(text, theirs, ours):
+    from beam import cut_output
+    assert cut_output(text) == ours
+    assert ours == theirs or ("\n" in theirs and ours == " ".join(theirs.splitlines()))
+
+
+@pytest.mark.tokenizer
+def test_cut_output_on_decoded_tokens():
+    """The blank line of two "\\n" tokens (198, 198), which the search does not end on (it ends on 628), and an
+    <|endoftext|> inside the text, as the token and as the text that encode_ordinary makes of it."""
+    from beam import cut_output
+    from data.tasks import get_tokenizer
+
+    enc = get_tokenizer()
+    pub, cheap = enc.encode_ordinary("The Eagle is a pub."), enc.encode_ordinary("It is cheap.")
+    assert enc.decode(pub + [198, 198] + cheap) == "The Eagle is a pub.\n\nIt is cheap."
+    assert cut_output(enc.decode(pub + [198, 198] + cheap)) == "The Eagle is a pub."
+    assert cut_output(enc.decode(pub + [EOT] + cheap)) == "The Eagle is a pub."
+    as_text = enc.encode_ordinary("<|endoftext|>")
+    assert EOT not in as_text and cut_output(enc.decode(pub + as_text + cheap)) == "The Eagle is a pub."
+    assert enc.encode_ordinary("a\n\nb") == [64, 198, 198, 65]  # a blank line inside text is two tokens

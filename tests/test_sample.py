@@ -5,7 +5,7 @@ import torch
 from conftest import train_tiny_adapter, write_hf_gpt2
 
 import sample
-from beam import beam_search
+from beam import beam_search, cut_output
 from checkpoints.loading import load_model
 from data.e2e import prepare
 from data.tasks import EOT, get_tokenizer
@@ -101,14 +101,25 @@ def test_adapter_brings_its_base_model_from_its_metadata(tiny_gpt2, adapter):
 def test_beam_1_is_greedy_and_beam_options_reach_beam_search(tiny_gpt2, adapter):
     common = ["--adapter", adapter, "--prompt", PROMPT, "--max_new_tokens", 8]
     greedy = run(*common, "--greedy")
-    assert run(*common, "--beam", 1, "--no_repeat_ngram", 0) == greedy
+    assert run(*common, "--beam", 1, "--no_repeat_ngram", 0) == [cut_output(greedy[0])]  # as eval.py cuts it
     # no repeated bigram: ' pub pub' may appear once, so the beam must leave the adapter's favourite path
     beamed = run(*common, "--beam", 3, "--length_penalty", 0.7, "--no_repeat_ngram", 2)
     model = load_model(model=tiny_gpt2, adapter=adapter)[0]
     tokens = get_tokenizer().encode_ordinary(PROMPT)
     best = beam_search(model.eval(), tokens, beam=3, max_new_tokens=8, length_penalty=0.7, no_repeat_ngram=2)
-    assert beamed == [get_tokenizer().decode(best)]
-    assert beamed[0].count(" pub pub") <= 1 and beamed != greedy
+    assert beamed == [cut_output(get_tokenizer().decode(best))]
+    assert beamed[0].count("pub pub") <= 1 and beamed != [cut_output(greedy[0])]
+
+
+def test_beam_prints_what_eval_scores_cut_at_the_blank_line(tiny_gpt2, monkeypatch, capsys):
+    """A decoder that answers with the tokens of "The Eagle is a pub." + a blank line of two "\\n" tokens + "It is
+    cheap.": sample.py --beam prints "The Eagle is a pub.", the line eval.py writes and scores
+    (test_eval.py::test_outputs_are_cut_as_the_paper_cut_them)."""
+    enc = get_tokenizer()
+    tokens = enc.encode_ordinary("The Eagle is a pub.") + [198, 198] + enc.encode_ordinary("It is cheap.")
+    monkeypatch.setattr(sample, "beam_search", lambda *args, **kwargs: tokens)
+    assert run("--model", tiny_gpt2, "--prompt", PROMPT, "--beam", 2) == ["The Eagle is a pub."]
+    assert capsys.readouterr().out.endswith("--- beam search, beam 2 ---\nThe Eagle is a pub.\n")
 
 
 ERRORS = {
