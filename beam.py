@@ -103,8 +103,11 @@ def beam_search(model, prompt, beam=10, max_new_tokens=64, length_penalty=0.8, n
     "<|endoftext|>" or "\\n\\n" (gpt2_decode.py), which also catches "\\n\\n" made of two tokens: that is a text
     step, cut_output, which the callers apply to the decoded answer, not a rule of the search.
 
-    Between equal candidates the one of the higher-ranked hypothesis, then the smaller token, comes first (theirs
-    leaves it to topk); with rule 6's strict ">" an earlier equal finished hypothesis therefore stays.
+    Between equal candidates the one of the higher-ranked hypothesis, then the smaller token, comes first: the order
+    of their flat array of candidates, index rank * vocab + token (gpt2_beam.py lines 289-290), from which their
+    torch.topk (line 292) picks; topk itself promises no order for equal values (on the CPU it mixes them), so
+    this is the order a stable pick gives. With rule 6's strict ">" (their line 199, `best_score[batch_id] <
+    _score`, scanning the slots in order) an earlier equal finished hypothesis therefore stays.
 
     max_new_tokens is capped at block_size - len(prompt). use_cache=True runs the prompt once and then one
     token per beam per step on the KV cache (the beams are the batch); use_cache=False reruns every whole

@@ -393,6 +393,50 @@ def test_batch_refuses_padding_that_the_block_would_cut():
     assert beam_search_batch(model, []) == []
 
 
+def test_a_tie_between_the_children_of_the_first_and_second_ranked_hypotheses():
+    """Beam 2, every step the same distribution: 1 (.5), 2 (.3), 3 (.2). Step 1: [1] ranks first, [2] second (no
+    tie). Step 2: [1 1] (.25) is best; [1 2] and [2 1] tie for the second slot (.5 * .3 and .3 * .5: the same two
+    log-probabilities added in either order, so bitwise equal). The candidate of the higher-ranked hypothesis, [1 2],
+    goes on (key order: rank * vocab + token, the order of the flat candidate array that their topk selects from,
+    gpt2_beam.py lines 290-293), and [2 1] is dropped. Step 3 ends both ways after [1 2] or [2 1] (score .15, over 3
+    tokens with the end), while [1 1] can only go on to 4 (.55) or 5 (.45), at most .1375 in 3 live tokens: the
+    survivor of the tie is the answer. With equal candidates in the other order it would be [2, 1]."""
+    after_any = {1: 0.5, 2: 0.3, 3: 0.2}
+    model = FakeModel({(): after_any, (1, 1): {4: 0.55, 5: 0.45}, (1, 2): {8: 1.0}, (2, 1): {8: 1.0}})
+    options = dict(beam=2, max_new_tokens=3, length_penalty=1.0, no_repeat_ngram=0, eos_tokens=(8, 9))
+    assert both_ways(model, [0], **options) == [1, 2]
+    # the tie is bitwise, and the runner-up [1 1]'s best line is behind it
+    log_p = torch.log_softmax(model.next_logits([0]), dim=-1)
+    assert log_p[1] + log_p[2] == log_p[2] + log_p[1]
+    assert math.log(0.25 * 0.55) / 3 < math.log(0.15) / 3
+    # in a batch the same, whatever the prompt's place (its rows' ranks start after the first prompt's rows)
+    from beam import beam_search_batch
+    other = FakeModel({(): after_any, (1, 1): {4: 0.55, 5: 0.45}, (1, 2): {8: 1.0}, (2, 1): {8: 1.0},
+                       (7,): {3: 0.6, 8: 0.4}, (3,): {8: 1.0}})
+    for use_cache in (True, False):
+        assert beam_search_batch(other, [[7], [0], [6, 0]], use_cache=use_cache, **options) == [[3], [1, 2], [1, 2]]
+
+
+def test_top_k_per_row_finds_a_maximum_in_the_first_column_after_the_last_whole_block():
+    """The columns after the last whole block are searched apart (from whole * block on); a maximum in the first
+    of them, or the last, is found at every width with a partial block, for k = 1 and k = 3, with topk's indices."""
+    from beam import top_k_per_row
+    g = torch.Generator().manual_seed(1)
+    for n in (65, 100, 129, 700, 1000, 50257):
+        first_after = n // 64 * 64  # the first column after the last whole block
+        for column in (first_after, n - 1):
+            for k in (1, 3):
+                x = torch.randn(4, n, generator=g)
+                x[1:3, column] = 10.0  # rows 1 and 2: the maximum there
+                x[2, column - 1] = 9.0  # row 2: the runner-up just before it, in the last whole block
+                values, indices = top_k_per_row(x, k)
+                expected = x.topk(k, dim=-1)
+                assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices), (n, column, k)
+                assert indices[1:3, 0].tolist() == [column, column]
+                if k > 1:
+                    assert indices[2, 1].item() == column - 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The decoded text, cut as microsoft/LoRA's gpt2_decode.py cuts it
 

@@ -2,6 +2,7 @@
 scores any file; every mistake is one line. METEOR (a Java run of ~10 s) is replaced by a stub here; the
 real one is tested in test_metrics.py."""
 
+import inspect
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import write_e2e_csv
 
 import eval
 import lora
-from beam import beam_search, cut_output
+from beam import beam_search, beam_search_batch, cut_output
 from checkpoints.adapters import save_adapter
 from checkpoints.loading import load_model
 from data.e2e import prepare
@@ -189,3 +190,24 @@ def test_outputs_are_cut_as_the_paper_cut_them(tiny_gpt2, e2e_small, tmp_path, m
                "--no_val_loss", "--device", "cpu"])
     assert (out / "predictions_test.txt").read_text(encoding="utf-8") == "The Eagle is a pub.\n" * 3
     assert scored == [["The Eagle is a pub."] * 3]
+
+
+def test_length_penalty_reaches_the_decoder(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
+    """--length_penalty 0.3 (not the presets' 0.8, which is also beam_search_batch's default) is the one the
+    decoder runs with; without the flag, the task's preset."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        call = inspect.signature(beam_search_batch).bind(*args, **kwargs)
+        call.apply_defaults()  # a length penalty not passed is the decoder's default
+        seen.append(call.arguments["length_penalty"])
+        return beam_search_batch(*args, **kwargs)
+
+    monkeypatch.setattr(eval, "beam_search_batch", spy)
+    common = ["--model", str(tiny_gpt2), "--data", str(e2e_small), "--limit", "2", "--beam", "2",
+              "--max_new_tokens", "4", "--no_val_loss", "--device", "cpu"]
+    record = eval.main([*common, "--out", str(tmp_path / "a"), "--length_penalty", "0.3"])
+    assert seen == [0.3] and record["settings"]["length_penalty"] == 0.3
+    seen.clear()
+    record = eval.main([*common, "--out", str(tmp_path / "b")])
+    assert seen == [0.8] and record["settings"]["length_penalty"] == 0.8

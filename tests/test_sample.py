@@ -1,5 +1,7 @@
 """sample.py: seeded sampling, greedy and beam search through the command line, --mr, --adapter, errors."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import train_tiny_adapter, write_hf_gpt2
@@ -109,6 +111,26 @@ def test_beam_1_is_greedy_and_beam_options_reach_beam_search(tiny_gpt2, adapter)
     best = beam_search(model.eval(), tokens, beam=3, max_new_tokens=8, length_penalty=0.7, no_repeat_ngram=2)
     assert beamed == [cut_output(get_tokenizer().decode(best))]
     assert beamed[0].count("pub pub") <= 1 and beamed != [cut_output(greedy[0])]
+
+
+def test_each_beam_option_reaches_beam_search_even_off_its_default(tiny_gpt2, monkeypatch):
+    """--length_penalty 0.3 and --no_repeat_ngram 2 are what beam_search runs with (the flags' defaults, 0.8 and 4,
+    are also beam_search's, so a flag that did not reach it would go unseen at the defaults)."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        call = inspect.signature(beam_search).bind(*args, **kwargs)
+        call.apply_defaults()  # an option not passed is beam_search's default
+        seen.append({name: call.arguments[name] for name in ("beam", "max_new_tokens", "length_penalty",
+                                                             "no_repeat_ngram")})
+        return [13]
+
+    monkeypatch.setattr(sample, "beam_search", spy)
+    common = ["--model", tiny_gpt2, "--prompt", PROMPT, "--beam", 3, "--max_new_tokens", 5]
+    assert run(*common, "--length_penalty", 0.3, "--no_repeat_ngram", 2) == ["."]
+    assert run(*common) == ["."]
+    assert seen == [dict(beam=3, max_new_tokens=5, length_penalty=0.3, no_repeat_ngram=2),
+                    dict(beam=3, max_new_tokens=5, length_penalty=0.8, no_repeat_ngram=4)]
 
 
 def test_beam_prints_what_eval_scores_cut_at_the_blank_line(tiny_gpt2, monkeypatch, capsys):
