@@ -192,22 +192,24 @@ def test_outputs_are_cut_as_the_paper_cut_them(tiny_gpt2, e2e_small, tmp_path, m
     assert scored == [["The Eagle is a pub."] * 3]
 
 
-def test_length_penalty_reaches_the_decoder(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
-    """--length_penalty 0.3 (not the presets' 0.8, which is also beam_search_batch's default) is the one the
-    decoder runs with; without the flag, the task's preset."""
+def test_length_penalty_and_ngram_rule_reach_the_decoder(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
+    """--length_penalty 0.3 and --no_repeat_ngram 2 (not the presets' 0.8 and the default 4, which are also
+    beam_search_batch's defaults, so a flag that did not reach it would go unseen) are what the decoder runs with;
+    without the flags, the task's preset and 4."""
     seen = []
 
     def spy(*args, **kwargs):
         call = inspect.signature(beam_search_batch).bind(*args, **kwargs)
-        call.apply_defaults()  # a length penalty not passed is the decoder's default
-        seen.append(call.arguments["length_penalty"])
+        call.apply_defaults()  # an option not passed is the decoder's default
+        seen.append((call.arguments["length_penalty"], call.arguments["no_repeat_ngram"]))
         return beam_search_batch(*args, **kwargs)
 
     monkeypatch.setattr(eval, "beam_search_batch", spy)
     common = ["--model", str(tiny_gpt2), "--data", str(e2e_small), "--limit", "2", "--beam", "2",
               "--max_new_tokens", "4", "--no_val_loss", "--device", "cpu"]
-    record = eval.main([*common, "--out", str(tmp_path / "a"), "--length_penalty", "0.3"])
-    assert seen == [0.3] and record["settings"]["length_penalty"] == 0.3
+    record = eval.main([*common, "--out", str(tmp_path / "a"), "--length_penalty", "0.3", "--no_repeat_ngram", "2"])
+    assert seen == [(0.3, 2)]
+    assert (record["settings"]["length_penalty"], record["settings"]["no_repeat_ngram"]) == (0.3, 2)
     seen.clear()
     record = eval.main([*common, "--out", str(tmp_path / "b")])
-    assert seen == [0.8] and record["settings"]["length_penalty"] == 0.8
+    assert seen == [(0.8, 4)] and record["settings"]["length_penalty"] == 0.8

@@ -63,6 +63,19 @@ def test_seeded_sampling_is_reproducible_and_is_generate_with_that_seed(tiny_gpt
     assert first == [continuation(tokens, row) for row in out.tolist()]
 
 
+def test_temperature_and_top_p_reach_generate(tiny_gpt2):
+    """--temperature 0.5 --top_p 0.5 (off the defaults 1.0 and all tokens, which the other tests use) sample
+    exactly as generate with them; each flag alone gives other samples, so a dropped flag shows."""
+    common = ["--model", tiny_gpt2, "--prompt", PROMPT, "--num_samples", 3, "--max_new_tokens", 8, "--seed", 5]
+    both = run(*common, "--temperature", 0.5, "--top_p", 0.5)
+    model = GPT.from_pretrained(tiny_gpt2).eval()
+    tokens = get_tokenizer().encode_ordinary(PROMPT)
+    out = model.generate(torch.tensor([tokens] * 3), 8, temperature=0.5, top_p=0.5, eos_token=EOT,
+                         generator=torch.Generator().manual_seed(5))
+    assert both == [continuation(tokens, row) for row in out.tolist()]
+    assert run(*common, "--temperature", 0.5) != both and run(*common, "--top_p", 0.5) != both
+
+
 def test_greedy_is_generate_at_temperature_0_and_printed(tiny_gpt2, capsys):
     texts = run("--model", tiny_gpt2, "--prompt", PROMPT, "--greedy", "--max_new_tokens", 10)
     model = GPT.from_pretrained(tiny_gpt2).eval()
