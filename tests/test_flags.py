@@ -1,17 +1,18 @@
-"""train.py's flags reach what they set, each at a value off its default.
+"""train.py's and merge.py's flags reach what they set, each at a value off its default.
 
-No other test passes --alpha, --targets, --rslora, --init, --weight_decay, --seed, --bucket or --epochs (issue 30):
-at the defaults, a flag that train.py read but did not pass on would go unseen. One short run each (one or a few
-steps of the tiny model) shows where each one lands.
+No other test passes train.py's --alpha, --targets, --rslora, --init, --weight_decay, --seed, --bucket or --epochs,
+or merge.py's --tolerance, and no test looks at what merge.py's --check_tokens does (issue 30): at the defaults, a
+flag that a script read but did not pass on would go unseen. One short run each shows where each one lands.
 """
 
 import json
 
 import pytest
 import torch
-from conftest import write_e2e_csv
+from conftest import train_tiny_adapter, write_e2e_csv
 
 import lora
+import merge
 import train
 from data.e2e import prepare
 
@@ -65,3 +66,41 @@ def test_epochs_set_the_number_of_steps(tiny_gpt2, e2e_src, tmp_path):
     prepare.prepare(tmp_path / "data", source=src)
     run(tiny_gpt2, tmp_path / "data", tmp_path / "run", "--epochs", 2)
     assert [line["step"] for line in log_of(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# merge.py
+
+@pytest.fixture(scope="module")
+def adapter(tiny_gpt2, tmp_path_factory):
+    return train_tiny_adapter(tiny_gpt2, tmp_path_factory.mktemp("adapter") / "adapter.safetensors", steps=5)
+
+
+def check_only(adapter, folder, *extra):
+    """merge.py --check-only on the fixed texts (an empty --data folder); returns the figures."""
+    folder.mkdir(exist_ok=True)
+    return merge.main(["--adapter", str(adapter), "--check-only", "--data", str(folder), "--n_check", "2",
+                       *map(str, extra)])
+
+
+def test_tolerance_is_the_largest_difference_accepted(adapter, tmp_path):
+    """A right merge differs from the unmerged model by a little rounding (max_diff, far below the default 1e-4).
+    --tolerance max_diff accepts it (the limit is "more than", so equal passes); half of it refuses it."""
+    max_diff = check_only(adapter, tmp_path / "data", "--check_tokens", 2)["max_diff"]
+    assert 0 < max_diff < 1e-4
+    assert check_only(adapter, tmp_path / "data", "--check_tokens", 2, "--tolerance", max_diff)["max_diff"] == max_diff
+    with pytest.raises(SystemExit, match="the merged model differs from the unmerged one"):
+        check_only(adapter, tmp_path / "data", "--check_tokens", 2, "--tolerance", max_diff / 2)
+
+
+def test_check_tokens_is_the_length_of_the_greedy_continuations(adapter, tmp_path, monkeypatch):
+    seen = []
+    original = merge.model_outputs
+
+    def spy(model, prompts, check_tokens, desc):
+        seen.append(check_tokens)
+        return original(model, prompts, check_tokens, desc)
+
+    monkeypatch.setattr(merge, "model_outputs", spy)
+    check_only(adapter, tmp_path / "data", "--check_tokens", 3)
+    assert seen == [3, 3]  # unmerged, then merged
