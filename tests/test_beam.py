@@ -486,3 +486,13 @@ def test_cut_output_on_decoded_tokens():
     as_text = enc.encode_ordinary("<|endoftext|>")
     assert EOT not in as_text and cut_output(enc.decode(pub + as_text + cheap)) == "The Eagle is a pub."
     assert enc.encode_ordinary("a\n\nb") == [64, 198, 198, 65]  # a blank line inside text is two tokens
+
+
+def test_beam_width_bounds_are_accepted_and_one_past_them_refused():
+    """1 and MAX_BEAM are allowed widths (test_faults.py checks the scripts' message for MAX_BEAM + 1 and 0)."""
+    from beam import MAX_BEAM, check_beam_width
+    check_beam_width(1)
+    check_beam_width(MAX_BEAM)
+    for width in (0, MAX_BEAM + 1):
+        with pytest.raises(UserError, match=f"--beam {width}: must be 1 to {MAX_BEAM}"):
+            check_beam_width(width)

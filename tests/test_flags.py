@@ -39,6 +39,12 @@ def test_lora_settings_and_weight_decay_reach_the_model_and_the_optimizer(tiny_g
     assert [group["weight_decay"] for group in state["optimizer"]["param_groups"]] == [0.05]
 
 
+def test_rank_up_to_n_embd_is_accepted(tiny_gpt2, e2e_small, tmp_path):
+    """--rank 64, the tiny model's n_embd, trains (65 is refused: test_faults.py)."""
+    model = run(tiny_gpt2, e2e_small, tmp_path / "run", "--max_iters", 1, "--rank", 64)
+    assert lora.config_of(model).rank == 64
+
+
 def test_seed_sets_the_start_of_a(tiny_gpt2, e2e_small, tmp_path):
     """The same --seed gives the same A; another seed (7, not the default 1337) another."""
     def first_a(name, *seed):

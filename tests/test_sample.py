@@ -157,6 +157,13 @@ def test_beam_prints_what_eval_scores_cut_at_the_blank_line(tiny_gpt2, monkeypat
     assert capsys.readouterr().out.endswith("--- beam search, beam 2 ---\nThe Eagle is a pub.\n")
 
 
+def test_num_samples_up_to_max_samples_is_accepted():
+    """--num_samples MAX_SAMPLES passes the check that refuses MAX_SAMPLES + 1 (test_faults.py), before any model."""
+    sample.check_options(sample.parse_args(["--num_samples", str(sample.MAX_SAMPLES)]))
+    with pytest.raises(ValueError, match=f"at most {sample.MAX_SAMPLES}"):
+        sample.check_options(sample.parse_args(["--num_samples", str(sample.MAX_SAMPLES + 1)]))
+
+
 ERRORS = {
     "unknown model": (["--model", "gpt3"], "unknown model 'gpt3'"),
     "missing adapter": (["--adapter", "{tmp}/none.safetensors"], "cannot read"),
