@@ -4,7 +4,16 @@ run as in examples/NLG/README.md: --beam 10 --length_penalty 0.8 --no_repeat_ngr
 
 It is not transformers' generate(num_beams=...): the n-gram ban, the candidate rule and the stopping rule differ,
 and on a fine-tuned model these choices change which sentence comes out (and so BLEU). beam_search's docstring
-states each rule and says where in gpt2_beam.py it comes from.
+states each rule and says where in gpt2_beam.py it comes from. The decoded text then goes through cut_output, their
+gpt2_decode.py's last step, before it is printed or scored.
+
+Their beam() is only right at batch size 1, which is what the paper ran (examples/NLG/README.md: --batch_size 1).
+At the first step it reads `logits[_bbatch, (_query_len-1).long(), :]` (gpt2_beam.py, line 257), where _bbatch
+(line 240) is each row's prompt index, 0 to batch_size - 1; but the model ran the prompts' beam copies (line 237:
+rows p * beam to p * beam + beam - 1 hold prompt p), so index p reads a copy of prompt p // beam, and with
+batch_size <= beam every prompt's first tokens are chosen from the first prompt's logits (at its own last
+position). From the second step on, each prompt reads its own cache. beam_search_batch decodes many prompts at
+once and gives each the answer their beam() gives it alone, at batch size 1.
 """
 
 import itertools
@@ -27,6 +36,24 @@ def check_beam_width(beam):
     if not 1 <= beam <= MAX_BEAM:
         raise UserError(f"--beam {beam}: must be 1 to {MAX_BEAM} (each beam holds a KV cache and scores the whole "
                         f"vocabulary at every step; the paper uses 10)")
+
+
+def cut_output(text):
+    """The decoded text of an output as the paper scored it, on one line.
+
+    microsoft/LoRA's gpt2_decode.py takes  text.split('<|endoftext|>')[0].split('\\n\\n')[0].strip()  (the line
+    `refer_dict[_key]['sample'] = enc.decode(_pred_tokens)...`, the same for E2E, WebNLG and DART; it cuts the
+    references alike). That is: everything from the first "<|endoftext|>" (as text) goes, then everything from the
+    first blank line "\\n\\n", which catches a blank line made of two "\\n" tokens (198, 198) that the search
+    does not end on (it ends on 628, "\\n\\n" as one token); then surrounding whitespace goes (str.strip: spaces,
+    tabs, line breaks, ...). A single "\\n", or "\\r\\n\\r\\n", is not cut. Theirs writes such a line break into
+    the one-output-per-line file as it is, which splits the output over two lines (for WebNLG and DART, their
+    --tokenize turns it into a space first); here every line break left (the ones str.splitlines knows, as the E2E
+    scorer's reader) becomes a space, so that the file keeps one line per input. Text without line breaks comes out
+    exactly as theirs.
+    """
+    text = text.split("<|endoftext|>")[0].split("\n\n")[0]
+    return " ".join(text.splitlines()).strip()
 
 
 @torch.no_grad()
@@ -74,10 +101,13 @@ def beam_search(model, prompt, beam=10, max_new_tokens=64, length_penalty=0.8, n
     candidates to fill the slots when fewer than `beam` have a finite score (only with a tiny vocabulary); we
     keep only the finite ones, which ends the same way. Their decoder also cuts the decoded text at the first
     "<|endoftext|>" or "\\n\\n" (gpt2_decode.py), which also catches "\\n\\n" made of two tokens: that is a text
-    step for the caller, not a rule of the search.
+    step, cut_output, which the callers apply to the decoded answer, not a rule of the search.
 
-    Between equal candidates the one of the higher-ranked hypothesis, then the smaller token, comes first (theirs
-    leaves it to topk); with rule 6's strict ">" an earlier equal finished hypothesis therefore stays.
+    Between equal candidates the one of the higher-ranked hypothesis, then the smaller token, comes first: the order
+    of their flat array of candidates, index rank * vocab + token (gpt2_beam.py lines 289-290), from which their
+    torch.topk (line 292) picks; topk itself promises no order for equal values (on the CPU it mixes them), so
+    this is the order a stable pick gives. With rule 6's strict ">" (their line 199, `best_score[batch_id] <
+    _score`, scanning the slots in order) an earlier equal finished hypothesis therefore stays.
 
     max_new_tokens is capped at block_size - len(prompt). use_cache=True runs the prompt once and then one
     token per beam per step on the KV cache (the beams are the batch); use_cache=False reruns every whole

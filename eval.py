@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from beam import beam_search_batch, check_beam_width, prompt_batches
+from beam import beam_search_batch, check_beam_width, cut_output, prompt_batches
 from checkpoints.adapters import adapter_path
 from checkpoints.loading import describe_lora, load_model, new_token_budget
 from data import tasks
@@ -112,12 +112,6 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------------------------------------
 # The outputs file: one line per MR
-
-def one_line(text):
-    """text on a single line: every line break (\\n, \\r\\n, and the others str.splitlines knows, which the
-    official scorer's reader also splits on) becomes a space, and surrounding whitespace goes."""
-    return " ".join(text.splitlines()).strip()
-
 
 def write_lines(path, lines):
     """Write lines, one per line, UTF-8, atomically (a line may be empty: an empty output still holds its
@@ -211,8 +205,9 @@ def task_table(name, split, val_loss, scores, meteor_asked=True):
 # Decoding
 
 def decode(model, enc, prompts, args, autocast, max_new_tokens, length_penalty):
-    """Each prompt's beam-search output as one line of text. The prompts are decoded args.beam_batch at a time,
-    left-padded to the longest of their batch (the same answers as one by one, in fewer, larger forwards)."""
+    """Each prompt's beam-search output as one line of text, cut as the paper's decoder cuts it (beam.cut_output).
+    The prompts are decoded args.beam_batch at a time, left-padded to the longest of their batch (the same answers
+    as one by one, in fewer, larger forwards)."""
     outputs = [None] * len(prompts)
     with tqdm(total=len(prompts), desc="beam search", unit=" input", dynamic_ncols=True) as bar:
         for group in prompt_batches(prompts, args.beam_batch, max_new_tokens, model.config.block_size):
@@ -221,7 +216,7 @@ def decode(model, enc, prompts, args, autocast, max_new_tokens, length_penalty):
                                             max_new_tokens=max_new_tokens, length_penalty=length_penalty,
                                             no_repeat_ngram=args.no_repeat_ngram)
             for i, tokens in zip(group, answers, strict=True):
-                outputs[i] = one_line(enc.decode(tokens))
+                outputs[i] = cut_output(enc.decode(tokens))
             bar.update(len(group))
     return outputs
 

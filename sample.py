@@ -10,7 +10,8 @@
     python sample.py --adapter a.safetensors b.safetensors peft_folder --mr "..." --greedy   # each, in turn
 
 --mr formats an E2E meaning representation exactly as training did (prepare.format_prompt), so an adapter
-trained on E2E sees the prompt it learned to complete. Generation stops at <|endoftext|>. Samples go to
+trained on E2E sees the prompt it learned to complete. Generation stops at <|endoftext|>; a --beam output is
+printed as eval.py scores it, cut at the first blank line and on one line (beam.cut_output). Samples go to
 stdout, one after the other, each under a '--- sample i/n ---' line; what was loaded goes to stderr. With several
 adapters the base model is loaded once and each adapter's outputs follow an '=== adapter NAME ===' line.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from beam import beam_search, check_beam_width
+from beam import beam_search, check_beam_width, cut_output
 from checkpoints.adapters import AdapterBank, read_adapter
 from checkpoints.loading import describe, load_model, new_token_budget
 from data import tasks
@@ -210,6 +211,8 @@ def sample_and_print(model, data_format, args):
     tokens = encode_prompt(args, model, data_format)
     max_new_tokens = new_token_budget(args.max_new_tokens, len(tokens), model.config.block_size)
     texts = [get_tokenizer().decode(new_tokens) for new_tokens in generate(model, tokens, args, max_new_tokens)]
+    if args.beam is not None:  # the paper's decoding, its last step too: the text eval.py scores
+        texts = [cut_output(text) for text in texts]
     print(f"prompt: {get_tokenizer().decode(tokens)!r}")
     for i, continuation in enumerate(texts, start=1):
         print(heading(args, i, len(texts)))

@@ -391,3 +391,108 @@ def test_batch_refuses_padding_that_the_block_would_cut():
         beam_search_batch(model, [[1, 2], [1]], max_new_tokens=7)  # [1] alone gets 7 steps, padded only 6
     assert beam_search_batch(model, [[1, 2], [1]], beam=1, max_new_tokens=6, no_repeat_ngram=0) == [[3] * 6] * 2
     assert beam_search_batch(model, []) == []
+
+
+def test_a_tie_between_the_children_of_the_first_and_second_ranked_hypotheses():
+    """Beam 2, every step the same distribution: 1 (.5), 2 (.3), 3 (.2). Step 1: [1] ranks first, [2] second (no
+    tie). Step 2: [1 1] (.25) is best; [1 2] and [2 1] tie for the second slot (.5 * .3 and .3 * .5: the same two
+    log-probabilities added in either order, so bitwise equal). The candidate of the higher-ranked hypothesis, [1 2],
+    goes on (key order: rank * vocab + token, the order of the flat candidate array that their topk selects from,
+    gpt2_beam.py lines 290-293), and [2 1] is dropped. Step 3 ends both ways after [1 2] or [2 1] (score .15, over 3
+    tokens with the end), while [1 1] can only go on to 4 (.55) or 5 (.45), at most .1375 in 3 live tokens: the
+    survivor of the tie is the answer. With equal candidates in the other order it would be [2, 1]."""
+    after_any = {1: 0.5, 2: 0.3, 3: 0.2}
+    model = FakeModel({(): after_any, (1, 1): {4: 0.55, 5: 0.45}, (1, 2): {8: 1.0}, (2, 1): {8: 1.0}})
+    options = dict(beam=2, max_new_tokens=3, length_penalty=1.0, no_repeat_ngram=0, eos_tokens=(8, 9))
+    assert both_ways(model, [0], **options) == [1, 2]
+    # the tie is bitwise, and the runner-up [1 1]'s best line is behind it
+    log_p = torch.log_softmax(model.next_logits([0]), dim=-1)
+    assert log_p[1] + log_p[2] == log_p[2] + log_p[1]
+    assert math.log(0.25 * 0.55) / 3 < math.log(0.15) / 3
+    # in a batch the same, whatever the prompt's place (its rows' ranks start after the first prompt's rows)
+    from beam import beam_search_batch
+    other = FakeModel({(): after_any, (1, 1): {4: 0.55, 5: 0.45}, (1, 2): {8: 1.0}, (2, 1): {8: 1.0},
+                       (7,): {3: 0.6, 8: 0.4}, (3,): {8: 1.0}})
+    for use_cache in (True, False):
+        assert beam_search_batch(other, [[7], [0], [6, 0]], use_cache=use_cache, **options) == [[3], [1, 2], [1, 2]]
+
+
+def test_top_k_per_row_finds_a_maximum_in_the_first_column_after_the_last_whole_block():
+    """The columns after the last whole block are searched apart (from whole * block on); a maximum in the first
+    of them, or the last, is found at every width with a partial block, for k = 1 and k = 3, with topk's indices."""
+    from beam import top_k_per_row
+    g = torch.Generator().manual_seed(1)
+    for n in (65, 100, 129, 700, 1000, 50257):
+        first_after = n // 64 * 64  # the first column after the last whole block
+        for column in (first_after, n - 1):
+            for k in (1, 3):
+                x = torch.randn(4, n, generator=g)
+                x[1:3, column] = 10.0  # rows 1 and 2: the maximum there
+                x[2, column - 1] = 9.0  # row 2: the runner-up just before it, in the last whole block
+                values, indices = top_k_per_row(x, k)
+                expected = x.topk(k, dim=-1)
+                assert torch.equal(values, expected.values) and torch.equal(indices, expected.indices), (n, column, k)
+                assert indices[1:3, 0].tolist() == [column, column]
+                if k > 1:
+                    assert indices[2, 1].item() == column - 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decoded text, cut as microsoft/LoRA's gpt2_decode.py cuts it
+
+# (decoded text, theirs, ours). theirs: gpt2_decode.py's
+#     enc.decode(_pred_tokens).split('<|endoftext|>')[0].split('\n\n')[0].strip()
+# worked out by hand (the `refer_dict[_key]['sample'] = ...` line; microsoft/LoRA's file is not in this project's
+# search index, its fork AK18k/LoRA has it at examples/NLG/src/gpt2_decode.py line 135). ours is cut_output: the
+# same, with any line break left turned into a space (theirs would write it into the one-line-per-output file).
+CUT_CASES = [
+    ("The Eagle is a pub.\n\nIt is cheap.", "The Eagle is a pub.", "The Eagle is a pub."),
+    ("The Eagle is a pub.<|endoftext|>It is cheap.", "The Eagle is a pub.", "The Eagle is a pub."),
+    (" A pub.\n\n\nIt is cheap.", "A pub.", "A pub."),  # the first two of three "\n"
+    ("A pub. \n\nB", "A pub.", "A pub."),  # the space before the cut is stripped
+    ("A\n\nB<|endoftext|>C", "A", "A"),
+    ("A<|endoftext|>B\n\nC", "A", "A"),  # <|endoftext|> is cut first
+    ("\n\nA pub.", "", ""),  # a blank line at the start leaves nothing
+    ("<|endoftext|>A pub.", "", ""),
+    ("", "", ""),
+    ("\t A pub.\u00a0 \n", "A pub.", "A pub."),  # str.strip: tabs, no-break spaces, a final "\n"
+    ("A pub.<|endoftext|", "A pub.<|endoftext|", "A pub.<|endoftext|"),  # not the whole marker: not cut
+    # a line break that is not "\n\n" is not cut: theirs keeps it, ours makes it a space
+    ("A pub.\nIt is cheap.", "A pub.\nIt is cheap.", "A pub. It is cheap."),
+    ("A pub.\n \nIt is cheap.", "A pub.\n \nIt is cheap.", "A pub.   It is cheap."),
+    ("A pub.\r\n\r\nIt is cheap.", "A pub.\r\n\r\nIt is cheap.", "A pub.  It is cheap."),
+]
+
+
+@pytest.mark.parametrize("text, theirs, ours", CUT_CASES)
+def test_cut_output_is_gpt2_decode_rule(text, theirs, ours):
+    from beam import cut_output
+    assert cut_output(text) == ours
+    assert ours == theirs or ("\n" in theirs and ours == " ".join(theirs.splitlines()))
+
+
+@pytest.mark.tokenizer
+def test_cut_output_on_decoded_tokens():
+    """The blank line of two "\\n" tokens (198, 198), which the search does not end on (it ends on 628), and an
+    <|endoftext|> inside the text, as the token and as the text that encode_ordinary makes of it."""
+    from beam import cut_output
+    from data.tasks import get_tokenizer
+
+    enc = get_tokenizer()
+    pub, cheap = enc.encode_ordinary("The Eagle is a pub."), enc.encode_ordinary("It is cheap.")
+    assert enc.decode(pub + [198, 198] + cheap) == "The Eagle is a pub.\n\nIt is cheap."
+    assert cut_output(enc.decode(pub + [198, 198] + cheap)) == "The Eagle is a pub."
+    assert cut_output(enc.decode(pub + [EOT] + cheap)) == "The Eagle is a pub."
+    as_text = enc.encode_ordinary("<|endoftext|>")
+    assert EOT not in as_text and cut_output(enc.decode(pub + as_text + cheap)) == "The Eagle is a pub."
+    assert enc.encode_ordinary("a\n\nb") == [64, 198, 198, 65]  # a blank line inside text is two tokens
+
+
+def test_beam_width_bounds_are_accepted_and_one_past_them_refused():
+    """1 and MAX_BEAM are allowed widths (test_faults.py checks the scripts' message for MAX_BEAM + 1 and 0)."""
+    from beam import MAX_BEAM, check_beam_width
+    check_beam_width(1)
+    check_beam_width(MAX_BEAM)
+    for width in (0, MAX_BEAM + 1):
+        with pytest.raises(UserError, match=f"--beam {width}: must be 1 to {MAX_BEAM}"):
+            check_beam_width(width)

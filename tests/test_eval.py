@@ -2,6 +2,7 @@
 scores any file; every mistake is one line. METEOR (a Java run of ~10 s) is replaced by a stub here; the
 real one is tested in test_metrics.py."""
 
+import inspect
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import write_e2e_csv
 
 import eval
 import lora
-from beam import beam_search
+from beam import beam_search, beam_search_batch, cut_output
 from checkpoints.adapters import save_adapter
 from checkpoints.loading import load_model
 from data.e2e import prepare
@@ -48,10 +49,6 @@ def table_row(output):
     return lines[lines.index(header) + 2]
 
 
-def test_one_line_per_mr_whatever_the_text():
-    assert eval.one_line(" a\nb\r\nc\u2028d\re \n") == "a b c d e"
-
-
 def test_written_lines_read_back_with_empty_ones(tmp_path):
     eval.write_lines(tmp_path / "p.txt", ["a b", "", "£20, café", ""])
     assert (tmp_path / "p.txt").read_bytes() == "a b\n\n£20, café\n\n".encode()
@@ -78,7 +75,7 @@ def test_eval_decodes_with_beam_search_and_records_score_all(tiny_gpt2, e2e_smal
     prompts = [prepare.prompt_tokens(enc, item["mr"], "paper") for item in items]
     for line, prompt in zip(lines, prompts, strict=True):
         tokens = beam_search(model, prompt, beam=2, max_new_tokens=8, length_penalty=0.8, no_repeat_ngram=4)
-        assert line == line.strip() and line.split() == enc.decode(tokens).split()
+        assert line == cut_output(enc.decode(tokens))
     # the adapter was applied: the base model alone says something else
     assert lines[0].split() != enc.decode(beam_search(base, prompts[0], beam=2, max_new_tokens=8)).split()
 
@@ -172,3 +169,47 @@ def test_mistakes_are_one_line(tiny_gpt2, adapter, e2e_src, tmp_path):
     save_adapter(other, tmp_path / "other.safetensors")
     message = one_line_error(["--model", str(tiny_gpt2), "--adapter", str(tmp_path / "other.safetensors")])
     assert "does not fit" in message
+
+
+def eagle_tokens():
+    """The tokens of "The Eagle is a pub." + a blank line of two "\\n" tokens + "It is cheap."."""
+    enc = get_tokenizer()
+    return enc.encode_ordinary("The Eagle is a pub.") + [198, 198] + enc.encode_ordinary("It is cheap.")
+
+
+def test_outputs_are_cut_as_the_paper_cut_them(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
+    """A decoder that answers every MR with the tokens of "The Eagle is a pub.\\n\\nIt is cheap.": the outputs
+    file holds, and score_all scores, "The Eagle is a pub." (before the cut: "The Eagle is a pub.  It is cheap.")."""
+    monkeypatch.setattr(eval, "beam_search_batch", lambda model, prompts, *args, **kwargs: [eagle_tokens()] * len(
+        prompts))
+    scored = []
+    monkeypatch.setattr(metrics, "score_all", lambda hyps, refs, **options: scored.append(hyps) or dict.fromkeys(
+        eval.SCORE_NAMES, 0.5))
+    out = tmp_path / "out"
+    eval.main(["--model", str(tiny_gpt2), "--data", str(e2e_small), "--out", str(out), "--limit", "3",
+               "--no_val_loss", "--device", "cpu"])
+    assert (out / "predictions_test.txt").read_text(encoding="utf-8") == "The Eagle is a pub.\n" * 3
+    assert scored == [["The Eagle is a pub."] * 3]
+
+
+def test_length_penalty_and_ngram_rule_reach_the_decoder(tiny_gpt2, e2e_small, tmp_path, monkeypatch):
+    """--length_penalty 0.3 and --no_repeat_ngram 2 (not the presets' 0.8 and the default 4, which are also
+    beam_search_batch's defaults, so a flag that did not reach it would go unseen) are what the decoder runs with;
+    without the flags, the task's preset and 4."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        call = inspect.signature(beam_search_batch).bind(*args, **kwargs)
+        call.apply_defaults()  # an option not passed is the decoder's default
+        seen.append((call.arguments["length_penalty"], call.arguments["no_repeat_ngram"]))
+        return beam_search_batch(*args, **kwargs)
+
+    monkeypatch.setattr(eval, "beam_search_batch", spy)
+    common = ["--model", str(tiny_gpt2), "--data", str(e2e_small), "--limit", "2", "--beam", "2",
+              "--max_new_tokens", "4", "--no_val_loss", "--device", "cpu"]
+    record = eval.main([*common, "--out", str(tmp_path / "a"), "--length_penalty", "0.3", "--no_repeat_ngram", "2"])
+    assert seen == [(0.3, 2)]
+    assert (record["settings"]["length_penalty"], record["settings"]["no_repeat_ngram"]) == (0.3, 2)
+    seen.clear()
+    record = eval.main([*common, "--out", str(tmp_path / "b")])
+    assert seen == [(0.8, 4)] and record["settings"]["length_penalty"] == 0.8

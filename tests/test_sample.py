@@ -1,11 +1,13 @@
 """sample.py: seeded sampling, greedy and beam search through the command line, --mr, --adapter, errors."""
 
+import inspect
+
 import pytest
 import torch
 from conftest import train_tiny_adapter, write_hf_gpt2
 
 import sample
-from beam import beam_search
+from beam import beam_search, cut_output
 from checkpoints.loading import load_model
 from data.e2e import prepare
 from data.tasks import EOT, get_tokenizer
@@ -61,6 +63,19 @@ def test_seeded_sampling_is_reproducible_and_is_generate_with_that_seed(tiny_gpt
     assert first == [continuation(tokens, row) for row in out.tolist()]
 
 
+def test_temperature_and_top_p_reach_generate(tiny_gpt2):
+    """--temperature 0.5 --top_p 0.5 (off the defaults 1.0 and all tokens, which the other tests use) sample
+    exactly as generate with them; each flag alone gives other samples, so a dropped flag shows."""
+    common = ["--model", tiny_gpt2, "--prompt", PROMPT, "--num_samples", 3, "--max_new_tokens", 8, "--seed", 5]
+    both = run(*common, "--temperature", 0.5, "--top_p", 0.5)
+    model = GPT.from_pretrained(tiny_gpt2).eval()
+    tokens = get_tokenizer().encode_ordinary(PROMPT)
+    out = model.generate(torch.tensor([tokens] * 3), 8, temperature=0.5, top_p=0.5, eos_token=EOT,
+                         generator=torch.Generator().manual_seed(5))
+    assert both == [continuation(tokens, row) for row in out.tolist()]
+    assert run(*common, "--temperature", 0.5) != both and run(*common, "--top_p", 0.5) != both
+
+
 def test_greedy_is_generate_at_temperature_0_and_printed(tiny_gpt2, capsys):
     texts = run("--model", tiny_gpt2, "--prompt", PROMPT, "--greedy", "--max_new_tokens", 10)
     model = GPT.from_pretrained(tiny_gpt2).eval()
@@ -101,14 +116,52 @@ def test_adapter_brings_its_base_model_from_its_metadata(tiny_gpt2, adapter):
 def test_beam_1_is_greedy_and_beam_options_reach_beam_search(tiny_gpt2, adapter):
     common = ["--adapter", adapter, "--prompt", PROMPT, "--max_new_tokens", 8]
     greedy = run(*common, "--greedy")
-    assert run(*common, "--beam", 1, "--no_repeat_ngram", 0) == greedy
+    assert run(*common, "--beam", 1, "--no_repeat_ngram", 0) == [cut_output(greedy[0])]  # as eval.py cuts it
     # no repeated bigram: ' pub pub' may appear once, so the beam must leave the adapter's favourite path
     beamed = run(*common, "--beam", 3, "--length_penalty", 0.7, "--no_repeat_ngram", 2)
     model = load_model(model=tiny_gpt2, adapter=adapter)[0]
     tokens = get_tokenizer().encode_ordinary(PROMPT)
     best = beam_search(model.eval(), tokens, beam=3, max_new_tokens=8, length_penalty=0.7, no_repeat_ngram=2)
-    assert beamed == [get_tokenizer().decode(best)]
-    assert beamed[0].count(" pub pub") <= 1 and beamed != greedy
+    assert beamed == [cut_output(get_tokenizer().decode(best))]
+    assert beamed[0].count("pub pub") <= 1 and beamed != [cut_output(greedy[0])]
+
+
+def test_each_beam_option_reaches_beam_search_even_off_its_default(tiny_gpt2, monkeypatch):
+    """--length_penalty 0.3 and --no_repeat_ngram 2 are what beam_search runs with (the flags' defaults, 0.8 and 4,
+    are also beam_search's, so a flag that did not reach it would go unseen at the defaults)."""
+    seen = []
+
+    def spy(*args, **kwargs):
+        call = inspect.signature(beam_search).bind(*args, **kwargs)
+        call.apply_defaults()  # an option not passed is beam_search's default
+        seen.append({name: call.arguments[name] for name in ("beam", "max_new_tokens", "length_penalty",
+                                                             "no_repeat_ngram")})
+        return [13]
+
+    monkeypatch.setattr(sample, "beam_search", spy)
+    common = ["--model", tiny_gpt2, "--prompt", PROMPT, "--beam", 3, "--max_new_tokens", 5]
+    assert run(*common, "--length_penalty", 0.3, "--no_repeat_ngram", 2) == ["."]
+    assert run(*common) == ["."]
+    assert seen == [dict(beam=3, max_new_tokens=5, length_penalty=0.3, no_repeat_ngram=2),
+                    dict(beam=3, max_new_tokens=5, length_penalty=0.8, no_repeat_ngram=4)]
+
+
+def test_beam_prints_what_eval_scores_cut_at_the_blank_line(tiny_gpt2, monkeypatch, capsys):
+    """A decoder that answers with the tokens of "The Eagle is a pub." + a blank line of two "\\n" tokens + "It is
+    cheap.": sample.py --beam prints "The Eagle is a pub.", the line eval.py writes and scores
+    (test_eval.py::test_outputs_are_cut_as_the_paper_cut_them)."""
+    enc = get_tokenizer()
+    tokens = enc.encode_ordinary("The Eagle is a pub.") + [198, 198] + enc.encode_ordinary("It is cheap.")
+    monkeypatch.setattr(sample, "beam_search", lambda *args, **kwargs: tokens)
+    assert run("--model", tiny_gpt2, "--prompt", PROMPT, "--beam", 2) == ["The Eagle is a pub."]
+    assert capsys.readouterr().out.endswith("--- beam search, beam 2 ---\nThe Eagle is a pub.\n")
+
+
+def test_num_samples_up_to_max_samples_is_accepted():
+    """--num_samples MAX_SAMPLES passes the check that refuses MAX_SAMPLES + 1 (test_faults.py), before any model."""
+    sample.check_options(sample.parse_args(["--num_samples", str(sample.MAX_SAMPLES)]))
+    with pytest.raises(ValueError, match=f"at most {sample.MAX_SAMPLES}"):
+        sample.check_options(sample.parse_args(["--num_samples", str(sample.MAX_SAMPLES + 1)]))
 
 
 ERRORS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from metrics.ter import MAX_SHIFT_SIZE, corpus_ter, edits, segment_stats
+from metrics.ter import BEAM_WIDTH, MAX_SHIFT_DIST, MAX_SHIFT_SIZE, corpus_ter, edits, segment_stats
 
 DART_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dart" / "dart-v1.1.1-full-dev.json"
 
@@ -60,6 +60,40 @@ def test_shift_of_more_than_max_size_words_is_not_one_edit():
     assert edits(["z", *words], [*words, "z"]) == 1
     # a 12-word phrase with nothing else to move: two shifts (10 + 2 words) or fewer plain edits
     assert edits([*words[6:], "x", *words[:6]], [*words[:6], "x", *words[6:]]) == 2
+
+
+@pytest.mark.parametrize("n, expected", [(49, 1), (50, 1), (51, 2)])
+def test_shift_distance_limit_at_its_boundary(n, expected):
+    """z w0 .. w(n-1) against w0 .. w(n-1) z: z's place in the reference is n words from its place in the
+    hypothesis. Up to MAX_SHIFT_DIST = 50 words it is one shift (1 edit); at 51 z cannot be shifted, and no shift
+    of w words helps, so it is deleted and inserted (2 edits). The same from the other side, and as sacrebleu."""
+    assert MAX_SHIFT_DIST == 50
+    words = [f"w{i}" for i in range(n)]
+    for hyp, ref in (["z", *words], [*words, "z"]), ([*words, "z"], ["z", *words]):
+        assert edits(hyp, ref) == expected
+        assert corpus_ter([" ".join(hyp)], [[" ".join(ref)]]) == pytest.approx(expected / (n + 1), abs=1e-12)
+        assert sacrebleu_ter([" ".join(hyp)], [[" ".join(ref)]]) == pytest.approx(expected / (n + 1), abs=1e-12)
+
+
+@pytest.mark.parametrize("n, expected", [(9, 1), (10, 1), (11, 2)])
+def test_shift_size_limit_at_its_boundary(n, expected):
+    """b0 .. b19 a0 .. a(n-1) against a0 .. a(n-1) b0 .. b19: moving the n a-words to the front is one shift up to
+    MAX_SHIFT_SIZE = 10 words; 11 take two shifts (and the 20 b-words two as well). As sacrebleu."""
+    a, b = [f"a{i}" for i in range(n)], [f"b{i}" for i in range(20)]
+    assert edits([*b, *a], [*a, *b]) == expected
+    assert sacrebleu_ter([" ".join(b + a)], [[" ".join(a + b)]]) == pytest.approx(expected / (n + 20), abs=1e-12)
+
+
+@pytest.mark.parametrize("n, expected", [(49, 49), (50, 50), (52, 53)])
+def test_edit_distance_band_at_its_edge(n, expected):
+    """n unmatched words, then the n words of the reference: the cheapest path deletes the first n words while it
+    stays at reference position 0, n / 2 positions off the (length-scaled) diagonal. Up to BEAM_WIDTH = 25 off it
+    is inside the band (n = 50: 50 deletions); at n = 52 the band (26 off) cuts it and costs one edit more, 53, as
+    tercom's and sacrebleu's band does. A band of 24 gives 51 at n = 50, one of 26 gives 52 at n = 52."""
+    assert BEAM_WIDTH == 25
+    hyp, ref = [f"z{i}" for i in range(n)] + [f"w{i}" for i in range(n)], [f"w{i}" for i in range(n)]
+    assert edits(hyp, ref) == expected
+    assert sacrebleu_ter([" ".join(hyp)], [[" ".join(ref)]]) == pytest.approx(expected / n, abs=1e-12)
 
 
 def test_errors():
