@@ -926,17 +926,28 @@ def section_text(title, notes, rows):
     return "\n".join([f"### {title}", "", markdown_table(rows), "", *(f"- {note}" for note in notes)])
 
 
-def page_text(command, machine, sections, wall_s):
-    """The performance page --write makes: the command that wrote it, the machine, the sections; no hand edits."""
+def load_average():
+    """The machine's 1-minute load average (runnable processes), or None where the OS does not say."""
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
+def page_text(command, machine, sections, wall_s, loads=(None, None)):
+    """The performance page --write makes: the command that wrote it, the machine, the sections; no hand edits.
+    loads: the 1-minute load average at the start and at the end, so that a reader sees whether other work
+    shared the CPU."""
+    load = ("" if None in loads else f"; load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end "
+            f"({os.cpu_count()} cores: above that, other work shared the CPU)")
     head = ["# Performance", "",
             "This page is written by `tools/bench.py`; every figure below comes from the run it names. To",
             "refresh it, run the command again (it replaces this page); do not edit it by hand.", "",
             "```bash", command, "```", "",
-            f"Measured: {machine}; wall time {wall_s:.0f} s.", "",
+            f"Measured: {machine}; wall time {wall_s:.0f} s{load}.", "",
             "How to read it: each comparison runs both sides in one process on the same weights and inputs,",
             "alternated after untimed warm-up calls; a figure is a median and a ratio the median of per-round",
-            "ratios; memory is measured with each side in its own child process. The CPU may be shared with",
-            "other work: compare ratios, not absolute figures, across runs and machines.", ""]
+            "ratios; memory is measured with each side in its own child process. Compare ratios, not absolute",
+            "figures, across runs and machines.", ""]
     return "\n".join(head + [text + "\n" for text in sections])
 
 
@@ -993,7 +1004,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads or cores)
     start = time.perf_counter()
     quiet_transformers()
-    machine = machine_line(args.device, torch.get_num_threads())
+    machine, load_at_start = machine_line(args.device, torch.get_num_threads()), load_average()
     print(f"lora-gpt bench | {machine}")
     sections = []
     with tempfile.TemporaryDirectory(prefix="lora-gpt-bench-") as tmp:
@@ -1007,7 +1018,7 @@ def main(argv=None):
     if args.write is not None:
         command = "python -m tools.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
         with reported(), atomic_write(args.write) as f:
-            f.write(page_text(command, machine, sections, wall_s).encode())
+            f.write(page_text(command, machine, sections, wall_s, (load_at_start, load_average())).encode())
         print(f"wrote {args.write}")
 
 
