@@ -941,7 +941,7 @@ def page_text(command, machine, sections, wall_s, loads=(None, None)):
             f"({os.cpu_count()} cores: above that, other work shared the CPU)")
     head = ["# Performance", "",
             "This page is written by `tools/bench.py`; every figure below comes from the run it names. To",
-            "refresh it, run the command again (it replaces this page); do not edit it by hand.", "",
+            "refresh it, run the command again with `--force` (which replaces this page); do not edit it by hand.", "",
             "```bash", command, "```", "",
             f"Measured: {machine}; wall time {wall_s:.0f} s{load}.", "",
             "How to read it: each comparison runs both sides in one process on the same weights and inputs,",
