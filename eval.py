@@ -9,7 +9,7 @@
 With a model it: decodes every unique MR of the split (630 on test) by beam search with the paper's
 settings (microsoft/LoRA's decoder: beam 10, length penalty 0.8, no repeated 4-gram); writes the outputs one
 line per MR, in the order the MRs first appear in the CSV, to {out}/predictions_{split}.txt; computes the mean
-dev loss per token; scores the outputs with metrics.score_all (BLEU, NIST, METEOR, ROUGE-L, CIDEr, as the official
+dev loss per token; scores the outputs with metrics.e2e.score_all (BLEU, NIST, METEOR, ROUGE-L, CIDEr, as the official
 scorer); prints a row like the paper's Table 18 and appends the figures as a JSON line to {out}/results.jsonl.
 
 WebNLG, DART and your own data (a model trained on a folder that data/tasks.py prepared; the adapter records

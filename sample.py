@@ -9,7 +9,7 @@
     python sample.py --adapter out/webnlg --triples "Aarhus_Airport | cityServed | Aarhus" --beam 10   # WebNLG, DART
     python sample.py --adapter a.safetensors b.safetensors peft_folder --mr "..." --greedy   # each, in turn
 
---mr formats an E2E meaning representation exactly as training did (prepare.format_prompt), so an adapter
+--mr formats an E2E meaning representation exactly as training did (prepare.prompt_tokens), so an adapter
 trained on E2E sees the prompt it learned to complete. Generation stops at <|endoftext|>; a --beam output is
 printed as eval.py scores it, cut at the first blank line and on one line (beam.cut_output). Samples go to
 stdout, one after the other, each under a '--- sample i/n ---' line; what was loaded goes to stderr. With several

@@ -1,1 +1,1 @@
-"""Files that hold a model or a run: adapters (ours and PEFT's), loading a model for a script, a run's folder."""
+"""Files that hold a model or a run: adapters (ours and PEFT's), loading a model, a run's folder, merged checkpoints."""

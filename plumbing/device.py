@@ -1,4 +1,4 @@
-"""Where the scripts compute: the device, the autocast dtype, and the number of CPU threads."""
+"""Where the scripts compute: the device, the autocast dtype, the CPU threads, and train.py's torch.compile."""
 
 import os
 import time

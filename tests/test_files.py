@@ -1,4 +1,4 @@
-"""Tests for checkpoint.py: atomic writes, the safetensors format, and resumable downloads.
+"""plumbing/files.py: atomic writes, the safetensors format, and resumable downloads.
 
 The safetensors tests check our hand-written reader and writer against the official `safetensors`
 package in both directions. The download tests run a tiny HTTP server on 127.0.0.1 in a thread.

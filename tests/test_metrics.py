@@ -1,4 +1,4 @@
-"""metrics.py: the official E2E scores, against sacrebleu, nltk, pycocoevalcap and numbers worked out by hand.
+"""metrics/e2e.py: the official E2E scores, against sacrebleu, nltk, pycocoevalcap and numbers worked out by hand.
 
 Uses the first 60 MRs of ../shared/data/e2e/devset.csv when it is there, else the small set below.
 """

@@ -4,6 +4,7 @@
     python -m tools.bench --quick                  # fewer repeats and 16 new tokens: a smoke test
     python -m tools.bench --sections 1 3           # some sections only
     python -m tools.bench --device cuda --compile  # on a GPU: bf16 autocast, plus section 5 (MFU, E2E epoch time)
+    python -m tools.bench --sections 4 6 --write docs/performance.md --force   # the page, written by this run
 
 Sections: 1. a LoRA training step (ours vs GPT2LMHeadModel + PEFT LoRA): tokens/s and peak memory;
 2. peak memory of LoRA vs full fine-tuning on the GPT-2 medium shape; 3. greedy generation (our KV cache vs our
@@ -34,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,7 +56,8 @@ from data.tasks import EOT
 from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model import GPT
 from plumbing.device import compile_for_training
-from plumbing.errors import UserError
+from plumbing.errors import UserError, reported
+from plumbing.files import atomic_write
 from plumbing.hf_checkpoint import PRETRAINED
 from tools.fast_decode import packed_weights, transposed_weights
 
@@ -487,7 +490,7 @@ def child_main(spec):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The sections. Each returns (title, notes, rows) for print_section.
+# The sections. Each returns (title, notes, rows) for section_text.
 
 def compare_training(ws, shape):
     """Alternated training steps, ours vs PEFT, on the same batches; returns times, tokens and losses."""
@@ -918,13 +921,45 @@ def machine_line(device, threads):
             f"device {device}{gpu}")
 
 
-def print_section(title, notes, rows):
-    print(f"\n### {title}\n")
-    print(markdown_table(rows))
-    print()
-    for note in notes:
-        print(f"- {note}")
-    sys.stdout.flush()
+def section_text(title, notes, rows):
+    """One section as markdown: its heading, its table, its notes (what is printed and what --write keeps)."""
+    return "\n".join([f"### {title}", "", markdown_table(rows), "", *(f"- {note}" for note in notes)])
+
+
+def load_average():
+    """The machine's 1-minute load average (runnable processes), or None where the OS does not say."""
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
+def page_text(command, machine, sections, wall_s, loads=(None, None)):
+    """The performance page --write makes: the command that wrote it, the machine, the sections; no hand edits.
+    loads: the 1-minute load average at the start and at the end, so that a reader sees whether other work
+    shared the CPU."""
+    load = ("" if None in loads else f"; load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end "
+            f"({os.cpu_count()} cores: above that, other work shared the CPU)")
+    head = ["# Performance", "",
+            "This page is written by `tools/bench.py`; every figure below comes from the run it names. To",
+            "refresh it, run the command again with `--force` (which replaces this page); do not edit it by hand.", "",
+            "```bash", command, "```", "",
+            f"Measured: {machine}; wall time {wall_s:.0f} s{load}.", "",
+            "How to read it: each comparison runs both sides in one process on the same weights and inputs,",
+            "alternated after untimed warm-up calls; a figure is a median and a ratio the median of per-round",
+            "ratios; memory is measured with each side in its own child process. Compare ratios, not absolute",
+            "figures, across runs and machines.", ""]
+    return "\n".join(head + [text + "\n" for text in sections])
+
+
+def check_page(path, force):
+    """Refuse --write before any measuring if the page cannot be written, or exists and --force is not given."""
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; add --force to replace it")
+    if path.is_dir() or not path.parent.is_dir():
+        reason = "it is a folder" if path.is_dir() else f"no folder {path.parent}"
+        raise UserError(f"cannot write {path}: {reason}")
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write {path}: {path.parent} is read-only")
 
 
 def parse_args(argv=None):
@@ -944,6 +979,10 @@ def parse_args(argv=None):
                    "(default: none, no MFU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores this process "
                    "may use)")
+    p.add_argument("--write", type=Path, default=None, metavar="PAGE", help="also write the tables, the command, "
+                   "the date, the CPU and the versions to this markdown page (e.g. docs/performance.md), when all "
+                   "sections are done")
+    p.add_argument("--force", action="store_true", help="with --write: replace the page if it exists")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -962,16 +1001,29 @@ def main(argv=None):
         quiet_transformers()
         child_main(args._child)
         return
+    if args.write is not None:
+        with reported():
+            check_page(args.write, args.force)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores)
     start = time.perf_counter()
     quiet_transformers()
-    print(f"lora-gpt bench | {machine_line(args.device, torch.get_num_threads())}")
+    machine, load_at_start = machine_line(args.device, torch.get_num_threads()), load_average()
+    print(f"lora-gpt bench | {machine}")
+    sections = []
     with tempfile.TemporaryDirectory(prefix="lora-gpt-bench-") as tmp:
         ws = Workspace(args, tmp)
         for number_ in sorted(set(args.sections)):
-            print_section(*SECTIONS[number_](ws))
-    print(f"\nwall time {time.perf_counter() - start:.0f} s")
+            sections.append(section_text(*SECTIONS[number_](ws)))
+            print("\n" + sections[-1])
+            sys.stdout.flush()
+    wall_s = time.perf_counter() - start
+    print(f"\nwall time {wall_s:.0f} s")
+    if args.write is not None:
+        command = "python -m tools.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        with reported(), atomic_write(args.write) as f:
+            f.write(page_text(command, machine, sections, wall_s, (load_at_start, load_average())).encode())
+        print(f"wrote {args.write}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ The checks, each PASS or FAIL with its numbers:
   2. merge: an adapter trained for a few steps, merged (lora.merge_lora) vs unmerged, compared as merge.py
      --check-only does (float64 logits and greedy continuations, merge.py's own functions);
   3. bf16: LoRA training steps under bf16 autocast lower the loss and leave every LoRA tensor finite;
-  4. compile: compile_for_training (tools/device.py, what train.py --compile uses) on batches of varied
+  4. compile: compile_for_training (plumbing/device.py, what train.py --compile uses) on batches of varied
      lengths: compilations stay bounded and the losses equal eager's (fp32);
   5. speed: GPT-2 medium's shape (random weights: no checkpoint needed), LoRA r=4 on q, v, batch 8 of E2E-like
      lengths, bf16: eager vs compiled step time, the paper's full run estimated from it, and MFU;

@@ -19,8 +19,8 @@ Written into the data folder (data/e2e/ unless --out), per split, all or none of
     {split}_mrs.json  each unique MR once, in order, with its prompt text and references (for eval.py)
     {split}.txt       paper format only: "context||completion " per example, the LoRA repository's line format
 
-The scripts import its formats; it imports only data/tasks.py (tokenizer, downloads) and the plumbing layer (errors,
-outputs) of the project.
+The scripts import its formats; it imports only data/tasks.py (the tokenizer) and the plumbing layer (errors,
+outputs, downloads) of the project.
 """
 
 import argparse
