@@ -22,9 +22,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-# Named in the pages, added by branches merged together with this one (issue 29). Excused while absent; once
-# one exists, test_after_merge_list_is_empty_once_merged fails until it is removed from here.
-AFTER_MERGE = {"notebooks/lora_lab.ipynb", "tools/plot.py"}
 # Files of other projects that the pages name (microsoft/LoRA's decoder, the E2E challenge's scorer).
 ELSEWHERE = {"gpt2_beam.py", "gpt2_decode.py", "measure_scores.py"}
 # Commands of other programs: pip, pytest and ruff are not ours to check.
@@ -97,7 +94,7 @@ FOLDER = re.compile(r"`((?:[\w.-]+/)+)`")
 def named_paths(text):
     """Repository files and folders the page names: any *.py, *.md, *.ipynb or *.toml path, and `folder/` spans.
     Paths inside folders a command writes (out/, sweep_ranks/, data/mine) are outputs, not ours, and skipped."""
-    top = {p.name for p in ROOT.iterdir()} | {p.split("/")[0] for p in AFTER_MERGE}
+    top = {p.name for p in ROOT.iterdir()}
     text = re.sub(r"https?://\S+", "", text)
     found = set(PATH.findall(text)) | set(FOLDER.findall(text))
     return {p for p in found if "/" not in p.rstrip("/") or p.split("/")[0] in top}
@@ -174,8 +171,6 @@ def check_command(module, args):
     if module == "tools.sweep" and "--" in args:  # after --, the arguments of train.py
         cut = args.index("--")
         return check_command("tools.sweep", args[:cut]) + check_command("train", args[cut + 1:])
-    if module_file(module) in AFTER_MERGE and not (ROOT / module_file(module)).exists():
-        return []
     parser, error = caught_parser(module, args)
     if parser is None:  # refused, or --help
         return [error] if error else []
@@ -219,7 +214,7 @@ def test_every_script_flag_named_in_prose_exists(page):
 @pytest.mark.parametrize("page", PAGES, ids=rel)
 def test_every_named_path_exists(page):
     missing = sorted(p for p in named_paths(page_text(page))
-                     if not exists(p) and p not in AFTER_MERGE and p not in ELSEWHERE)
+                     if not exists(p) and p not in ELSEWHERE)
     assert not missing, f"{rel(page)} names paths that do not exist: {missing}"
 
 
@@ -272,25 +267,3 @@ def test_the_performance_page_is_written_by_bench():
     head = bench.page_text(command.group(1), "MACHINE", [], 0).split("\n")[:9]
     assert page.split("\n")[:9] == head  # bench's own header: the page was not typed by hand
     assert re.search(r"^Measured: \d{4}-\d\d-\d\d \d\d:\d\d \| .+ \| torch \S+", page, re.M)
-
-
-def test_bench_refuses_a_page_it_would_overwrite_or_cannot_write(tmp_path):
-    from plumbing.errors import UserError
-    from tools import bench
-
-    page = tmp_path / "performance.md"
-    bench.check_page(page, force=False)  # a new page in a folder that exists
-    page.write_text("old")
-    with pytest.raises(UserError, match="exists; add --force"):
-        bench.check_page(page, force=False)
-    bench.check_page(page, force=True)
-    with pytest.raises(UserError, match="no folder"):
-        bench.check_page(tmp_path / "nowhere" / "performance.md", force=False)
-
-
-def test_after_merge_list_is_empty_once_merged():
-    landed = sorted(p for p in AFTER_MERGE if (ROOT / p).exists())
-    assert not landed, f"{landed} exist now: remove them from AFTER_MERGE in tests/test_docs.py"
-    named = set().union(*(named_paths(page_text(p)) for p in PAGES))
-    named |= {module_file(found[0]) for p in PAGES for _, argv in commands(page_text(p)) if (found := target(argv))}
-    assert AFTER_MERGE <= named  # nothing excused that the pages do not name

@@ -94,9 +94,10 @@ ROWS = [
     Row("assignments tiny_model", "assignments.tiny_model:main", "{out}", "folder", "model.safetensors",
         "plumbing.hf_checkpoint:hf_config"),
     Row("plot", "tools.plot:main", "{run} --out {out}", "file", "", "tools.plot:drawn", damaged=True, suffix=".png"),
+    Row("bench --write", "tools.bench:main", "--sections 4 --write {out}", "file", "", "tools.bench:Workspace",
+        suffix=".md"),
 ]
-# Not in the table: tools.bench and tools.gpu_check write only into temporary folders of their own and read
-# nothing of the user's.
+# Not in the table: tools.gpu_check writes only into temporary folders of its own and reads nothing of the user's.
 
 FAULTS = ["readonly", "file", "exists", "offline", "interrupt", "damaged"]
 

@@ -55,9 +55,9 @@ from data.e2e import batches, prepare
 from data.tasks import EOT
 from lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from model import GPT
+from plumbing import outputs
 from plumbing.device import compile_for_training
 from plumbing.errors import UserError, reported
-from plumbing.files import atomic_write
 from plumbing.hf_checkpoint import PRETRAINED
 from tools.fast_decode import packed_weights, transposed_weights
 
@@ -952,14 +952,9 @@ def page_text(command, machine, sections, wall_s, loads=(None, None)):
 
 
 def check_page(path, force):
-    """Refuse --write before any measuring if the page cannot be written, or exists and --force is not given."""
-    if path.exists() and not force:
-        raise UserError(f"{path} exists; add --force to replace it")
-    if path.is_dir() or not path.parent.is_dir():
-        reason = "it is a folder" if path.is_dir() else f"no folder {path.parent}"
-        raise UserError(f"cannot write {path}: {reason}")
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"cannot write {path}: {path.parent} is read-only")
+    """Refuse --write before any measuring where the page cannot be written or would replace one without --force
+    (plumbing.outputs.check_file, as every command checks its output)."""
+    outputs.check_file(path, force)
 
 
 def parse_args(argv=None):
@@ -1001,9 +996,14 @@ def main(argv=None):
         quiet_transformers()
         child_main(args._child)
         return
+    with reported():  # a mistake is one line, Ctrl-C exits 130, and no page is left half-written
+        measure(args, argv)
+
+
+def measure(args, argv):
+    """Run the chosen sections, print each table, and write them as a page to --write."""
     if args.write is not None:
-        with reported():
-            check_page(args.write, args.force)
+        check_page(args.write, args.force)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(args.threads or cores)
     start = time.perf_counter()
@@ -1021,7 +1021,7 @@ def main(argv=None):
     print(f"\nwall time {wall_s:.0f} s")
     if args.write is not None:
         command = "python -m tools.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        with reported(), atomic_write(args.write) as f:
+        with outputs.file(args.write, args.force) as f:
             f.write(page_text(command, machine, sections, wall_s, (load_at_start, load_average())).encode())
         print(f"wrote {args.write}")
 
