@@ -89,12 +89,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Every layer's keys and values of the positions so far, so that a new token costs one position's forward.
-    Rows may be prompts left-padded to the longest: row b's first pad[b] slots are pads, which no real token sees.
-
-    Buffers hold batch_size rows and max_len slots; `length` counts the slots filled. A forward of B <= batch_size
-    rows uses the first B (beam search starts with one row per prompt and goes on with one per hypothesis).
-    """
+    """Every layer's k, v of the `length` slots so far, so that a new token costs one position's forward. Row b's
+    first pad[b] slots may be left padding, which no real token sees; a forward of B rows uses the first B."""
 
     def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
         if max_len > config.block_size:
