@@ -1,6 +1,6 @@
 """GPT-2 (Radford et al., 2019), the whole model in one file, read top to bottom:
 
-    GPTConfig -> KVCache -> CausalSelfAttention -> MLP -> Block -> GPT (forward, generate) -> from_pretrained
+    GPTConfig -> CausalSelfAttention -> MLP -> Block -> KVCache -> GPT (forward, generate) -> from_pretrained
 
 Parameter names follow OpenAI / Hugging Face (transformer.h.0.attn.c_attn.weight, ...), so a checkpoint
 loads name for name. Every projection is an nn.Linear, weight (out, in): that is what lora.py wraps.
@@ -30,58 +30,9 @@ class GPTConfig:
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
 
 
-class KVCache:
-    """Keys and values of every past position, per layer, so that a new token costs one position's forward.
-
-    Buffers are allocated once for batch_size rows and max_len positions; `length` counts the positions filled
-    so far. A forward of B <= batch_size rows uses the first B rows (beam search starts with one row per prompt
-    and goes on with one per hypothesis).
-
-    Prompts of different lengths can share a cache left-padded to the longest: pad (batch_size,) counts the pad
-    slots at the start of each row. A row's positions then count from its first real token, and no real token
-    attends to a pad (visible), so each row computes what it would alone.
-    """
-
-    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
-        if max_len > config.block_size:
-            raise UserError(f"{max_len} positions asked for, but the model has only {config.block_size}")
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-        self.pad = None if pad is None else torch.as_tensor(pad, device=device).long().clone()  # reorder edits it
-
-    def store(self, layer, k, v):
-        """Write this step's k, v (B, nh, T, hs) after the past ones; return all keys and values so far."""
-        B, start, end = k.size(0), self.length, self.length + k.size(2)
-        self.k[layer, :B, :, start:end] = k
-        self.v[layer, :B, :, start:end] = v
-        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
-
-    def reorder(self, batch_index):
-        """Row i takes the past of row batch_index[i] (beam search: each surviving beam takes its parent's).
-
-        Only the filled positions are copied, into the first len(batch_index) rows: the buffers stay where they
-        are, and the empty positions are not read.
-        """
-        n, filled = batch_index.numel(), self.length
-        self.k[:, :n, :, :filled] = self.k[:, batch_index, :, :filled]  # the right side is a copy, so rows
-        self.v[:, :n, :, :filled] = self.v[:, batch_index, :, :filled]  # may take another's past safely
-        if self.pad is not None:
-            self.pad[:n] = self.pad[batch_index]
-
-    def visible(self, B, T):
-        """With left padding: which slots each of the next T tokens of the first B rows attends to, (B, 1, T,
-        length + T) bool. A token sees itself and the slots before it, except that a real token sees no pad
-        (a pad sees the pads before it, so its softmax has something to weigh; no real token reads its output)."""
-        query = torch.arange(self.length, self.length + T, device=self.pad.device)[:, None]  # (T, 1) slots
-        key = torch.arange(self.length + T, device=self.pad.device)[None, :]  # (1, length + T)
-        pad = self.pad[:B, None, None, None]  # (B, 1, 1, 1)
-        return (key <= query) & ((key >= pad) | (query < pad))
-
-
 class CausalSelfAttention(nn.Module):
-    """Multi-head attention where position t sees positions <= t: softmax(q k^T / sqrt(hs)) v, per head."""
+    """Multi-head attention, per head: y = softmax(q k^T / sqrt(hs) + M) v, where M is 0 where mask lets a query
+    see a key and -inf elsewhere; then the heads side by side through c_proj. mask None: key <= query (causal)."""
 
     def __init__(self, config):
         super().__init__()
@@ -92,25 +43,18 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=0):
+        """x (B, T, C) -> (B, T, C). With a cache, x is T new positions after the cached ones, and mask (B, 1, T, S)
+        says which of all S positions so far each new one sees (KVCache.mask builds it)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, nh, T, hs): each head attends on its own hs = C / nh slice
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0 if cache is None else cache.length
         if cache is not None:
-            k, v = cache.store(layer, k, v)  # now every position so far: (B, nh, past + T, hs)
-        dropout = self.attn_dropout if self.training else 0.0
-        if cache is not None and cache.pad is not None:  # prompts of different lengths, left-padded
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.visible(B, T), dropout_p=dropout)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        elif T == 1:  # one new token sees every position so far: no mask to build
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            # T new tokens after `past` cached ones: new token i sees positions <= past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            k, v = cache.store(layer, k, v)  # now every position so far: (B, nh, S, hs)
+        dropout = self.attn_dropout if self.training else 0.0  # on the attention weights, after the softmax
+        # scores, mask, softmax, weighted sum of values: one fused kernel (without a mask, its causal one)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -139,9 +83,54 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Every layer's k, v of the `length` slots so far, so that a new token costs one position's forward. Row b's
+    first pad[b] slots may be left padding, which no real token sees; a forward of B rows uses the first B."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype, pad=None):
+        if max_len > config.block_size:
+            raise UserError(f"{max_len} positions asked for, but the model has only {config.block_size}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)  # no padding: every slot is real
+        if pad is not None:
+            self.pad[:] = torch.as_tensor(pad)
+
+    def store(self, layer, k, v):
+        """Write this step's k, v (B, nh, T, hs) after the past ones; return all keys and values so far."""
+        B, start, end = k.size(0), self.length, self.length + k.size(2)
+        self.k[layer, :B, :, start:end] = k
+        self.v[layer, :B, :, start:end] = v
+        return self.k[layer, :B, :, :end], self.v[layer, :B, :, :end]
+
+    def mask(self, B, T):
+        """Which slots the next T tokens of the first B rows attend to, (B, 1, T, length + T) bool: the real tokens
+        up to themselves, and always themselves, so no softmax row is empty (a pad sees only itself)."""
+        query = torch.arange(self.length, self.length + T, device=self.pad.device)[:, None]  # (T, 1) slots
+        key = torch.arange(self.length + T, device=self.pad.device)  # (length + T,) slots
+        real = key >= self.pad[:B, None, None, None]  # (B, 1, 1, length + T)
+        return ((key <= query) & real) | (key == query)
+
+    def positions(self, B, T):
+        """The positions of the next T tokens of the first B rows, (B, T): each row counts from its first real
+        token (a pad's position is never read; 0 will do)."""
+        slots = torch.arange(self.length, self.length + T, device=self.pad.device)
+        return (slots - self.pad[:B, None]).clamp(min=0)
+
+    def reorder(self, batch_index):
+        """Row i takes the past (and the pad) of row batch_index[i]: beam search's survivors take their parent's.
+        Only the filled slots are copied, into the first len(batch_index) rows; the buffers stay where they are."""
+        n, filled = batch_index.numel(), self.length
+        self.k[:, :n, :, :filled] = self.k[:, batch_index, :, :filled]  # the right side is a copy, so rows
+        self.v[:, :n, :, :filled] = self.v[:, batch_index, :, :filled]  # may take another's past safely
+        self.pad[:n] = self.pad[batch_index]
 
 
 class GPT(nn.Module):
@@ -180,16 +169,17 @@ class GPT(nn.Module):
         the MR prompt and the padding are about half the positions, and the head is the largest matmul), so
         logits is (number of targets, vocab), and loss their mean cross-entropy (label-smoothed if asked).
         """
+        B, T = idx.shape
         past = 0 if cache is None else cache.length
-        T = idx.size(1)
         if past + T > self.config.block_size:
             raise UserError(f"sequence of {past + T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(past, past + T, device=idx.device)
-        if cache is not None and cache.pad is not None:  # left-padded rows count from their first real token
-            pos = (pos - cache.pad[:idx.size(0), None]).clamp(min=0)  # (B, T); a pad's position is never read
+        if cache is None:  # each row one sequence from position 0: plain causal attention
+            pos, mask = torch.arange(T, device=idx.device), None
+        else:  # after the cached past, each row counting from its first real token
+            pos, mask = cache.positions(B, T), cache.mask(B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, cache, layer)
+            x = block(x, mask, cache, layer)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T

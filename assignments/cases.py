@@ -11,6 +11,7 @@ PUBLIC = {
     "part1 attention, prompt 4 then chunks 3, 1": (1, "attention", dict(seed=0, batch=2, n_head=2, n_embd=16,
                                                                          prompt=4, chunks=[3, 1])),
     "part1 KVCache.store": (1, "cache_store", dict(seed=0, batch=2, n_head=2, head_size=4, steps=[3, 1, 2])),
+    "part1 KVCache.mask: pads 3, 0, 5 after 2 slots, 4 new": (1, "cache_mask", dict(pads=[3, 0, 5], length=2, T=4)),
     "part1 attention dropout: eval mode off, train mode on the weights": (1, "attention_training", dict(
         seed=0, batch=2, n_head=2, n_embd=16, T=6, dropout=0.1)),
     "part1 attention, left-padded prompts of 5, 2, 3 then 2 steps": (1, "attention_padded", dict(

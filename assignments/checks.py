@@ -91,7 +91,7 @@ def loading_for_training(seed, dropout, **shape):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Part 1: KVCache.store and CausalSelfAttention.forward
+# Part 1: CausalSelfAttention.forward, KVCache.store and KVCache.mask
 
 
 def attention(seed, batch, n_head, n_embd, prompt, chunks, layer=1):
@@ -111,7 +111,8 @@ def attention(seed, batch, n_head, n_embd, prompt, chunks, layer=1):
         cache = KVCache(config, batch, total + 2, "cpu", torch.float32)
         start = 0
         for step, n in enumerate([prompt, *chunks]):
-            out[f"cached step {step}: {n} new after {start}"] = attn(x[:, start:start + n], cache, layer)
+            out[f"cached step {step}: {n} new after {start}"] = attn(x[:, start:start + n], cache.mask(batch, n),
+                                                                     cache, layer)
             start += n
             cache.length = start  # GPT.forward moves the cache on once every layer has stored its k, v
         out["cache keys"], out["cache values"] = cache.k.clone(), cache.v.clone()
@@ -141,6 +142,30 @@ def cache_store(seed, batch, n_head, head_size, steps):
     return out
 
 
+def cache_mask(pads, length, T):
+    """KVCache.mask alone, on rows left-padded by `pads` after `length` filled slots, T new tokens: the slots each
+    real token sees, exactly; a pad's row is the student's choice, but no row may be empty (a softmax over no
+    slot is 0 on some kernels and NaN on others) and no token may see a later slot."""
+    from model import KVCache
+
+    B = len(pads)
+    config = tiny_config(block_size=length + T + 1)
+    cache = KVCache(config, B + 1, length + T + 1, "cpu", torch.float32, pad=[*pads, 0])  # the last row unused
+    cache.length = length
+    mask = cache.mask(B, T)
+    out = {"shape": tuple(mask.shape), "dtype": str(mask.dtype)}
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return out
+    query = torch.arange(length, length + T)[:, None]
+    key = torch.arange(length + T)[None, :]
+    for b, pad in enumerate(pads):
+        real = query[:, 0] >= pad
+        out[f"row {b} (pad {pad}): the slots each real token sees"] = mask[b, 0, real]
+    out["every query sees at least one slot"] = bool(mask.any(dim=-1).all())
+    out["no query sees a later slot"] = not bool((mask & (key > query)).any())
+    return out
+
+
 def attention_padded(seed, n_head, n_embd, lengths, steps):
     """Prompts of different lengths left-padded on one cache (cache.pad), then one-token steps: each row's real
     positions (a pad's output is nobody's business) against that row run alone."""
@@ -154,18 +179,19 @@ def attention_padded(seed, n_head, n_embd, lengths, steps):
     x = torch.randn(len(lengths), total, n_embd, generator=g)  # row i: its width - n pads, then its tokens
     out = {}
     with torch.no_grad():
-        cache = KVCache(config, len(lengths), total, "cpu", torch.float32, pad=[width - n for n in lengths])
-        first = attn(x[:, :width], cache, 0)
+        B = len(lengths)
+        cache = KVCache(config, B, total, "cpu", torch.float32, pad=[width - n for n in lengths])
+        first = attn(x[:, :width], cache.mask(B, width), cache, 0)
         cache.length = width
         later = []
         for t in range(width, total):
-            later.append(attn(x[:, t:t + 1], cache, 0))
+            later.append(attn(x[:, t:t + 1], cache.mask(B, 1), cache, 0))
             cache.length = t + 1
         padded = torch.cat([first, *later], dim=1)
         for i, n in enumerate(lengths):
             out[f"row {i} ({n} tokens after {width - n} pads): real positions"] = padded[i, width - n:]
             alone = KVCache(config, 1, total, "cpu", torch.float32)
-            out[f"row {i}: the same row alone"] = attn(x[i:i + 1, width - n:], alone, 0)[0]
+            out[f"row {i}: the same row alone"] = attn(x[i:i + 1, width - n:], alone.mask(1, n + steps), alone, 0)[0]
     return out
 
 
@@ -187,9 +213,10 @@ def attention_training(seed, batch, n_head, n_embd, T, dropout):
         out["eval mode: output"] = attn(x)
         cache = KVCache(config, batch, T, "cpu", torch.float32)
         cut = T // 2
-        first = attn(x[:, :cut], cache, 0)
+        first = attn(x[:, :cut], cache.mask(batch, cut), cache, 0)
         cache.length = cut
-        out["eval mode, cached: output"] = torch.cat([first, attn(x[:, cut:], cache, 0)], dim=1)
+        out["eval mode, cached: output"] = torch.cat([first, attn(x[:, cut:], cache.mask(batch, T - cut), cache, 0)],
+                                                     dim=1)
     attn.train()
     x.requires_grad_(True)
     torch.manual_seed(seed)
@@ -572,10 +599,10 @@ def analysis_contract(seed, d, r1, r2):
     return out
 
 
-CHECKS = {f.__name__: f for f in (loading, loading_for_training, attention, cache_store, attention_training,
-                                  attention_padded, forward_padded, lora_layer, lora_training, placement, table5,
-                                  placement_in_use, batching, forward_and_step, forward_in_training, similarity,
-                                  amplification, analysis_contract)}
+CHECKS = {f.__name__: f for f in (loading, loading_for_training, attention, cache_store, cache_mask,
+                                  attention_training, attention_padded, forward_padded, lora_layer, lora_training,
+                                  placement, table5, placement_in_use, batching, forward_and_step,
+                                  forward_in_training, similarity, amplification, analysis_contract)}
 
 # ----------------------------------------------------------------------------------------------------------
 # Running a case and comparing its numbers.

@@ -14,6 +14,10 @@ HELDOUT = {
     "part1 held-out: left-padded prompts of 1, 6, 4 then 3 steps, 4 heads": (1, "attention_padded", dict(
         seed=7, n_head=4, n_embd=24, lengths=[1, 6, 4], steps=3)),
     "part1 held-out: KVCache.store": (1, "cache_store", dict(seed=3, batch=1, n_head=3, head_size=2, steps=[1, 4])),
+    "part1 held-out: KVCache.mask, pads 0, 6, 2, 1 after 5 slots, 1 new": (1, "cache_mask", dict(
+        pads=[0, 6, 2, 1], length=5, T=1)),
+    "part1 held-out: KVCache.mask, pads 4, 0 on an empty cache, 3 new": (1, "cache_mask", dict(pads=[4, 0], length=0,
+                                                                                                T=3)),
     "part1 held-out: attention dropout 0.3, 4 heads": (1, "attention_training", dict(
         seed=4, batch=1, n_head=4, n_embd=24, T=7, dropout=0.3)),
     "part2 held-out: q, k, v at r=3": (2, "lora_layer", dict(seed=11, in_features=20, out_features=60, rank=3,

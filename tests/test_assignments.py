@@ -33,8 +33,13 @@ BUGS = {
                                                    "        model.config.dropout = dropout")], 0,
         "part0 load for training: dropout in every module"),
     # part 1
-    "the causal mask is off by one": ("model.py", [(".tril(diagonal=past)", ".tril(diagonal=past + 1)")], 1,
+    "the causal mask is off by one": ("model.py", [("((key <= query) & real)", "((key <= query + 1) & real)")], 1,
                                       "part1 attention, prompt 4 then chunks 3, 1"),
+    "a real token attends to the pads": ("model.py", [("real = key >= self.pad[:B, None, None, None]",
+                                                       "real = key >= 0 * self.pad[:B, None, None, None]")], 1,
+                                         "part1 attention, left-padded prompts of 5, 2, 3 then 2 steps"),
+    "a pad's softmax row is empty (0 or NaN, by kernel)": ("model.py", [(" | (key == query)", "")], 1,
+                                                             "part1 KVCache.mask: pads 3, 0, 5 after 2 slots, 4 new"),
     "attention dropout in eval mode too": ("model.py", [("dropout = self.attn_dropout if self.training else 0.0",
                                                          "dropout = self.attn_dropout")], 1,
                                            "part1 attention dropout: eval mode off, train mode on the weights"),
@@ -78,6 +83,9 @@ BUGS = {
     "the cache's past not counted against block_size": ("model.py", [(
         "if past + T > self.config.block_size:", "if T > self.config.block_size:")], 4,
         "part4 forward in train mode: dropout, label smoothing; a full cache"),
+    "a padded row's positions count from its first pad": ("model.py", [(
+        "return (slots - self.pad[:B, None]).clamp(min=0)", "return slots.expand(B, T)")], 4,
+        "part4 forward, left-padded prompts of 4, 1, 6 then 2 steps"),
     # part 5
     "phi divided by max(i, j)": ("lora_analysis.py", [("** 2 / min(i, j))", "** 2 / max(i, j))")], 5,
                                  "part5 subspace similarity"),
@@ -116,22 +124,32 @@ ALTERNATIVE = {
         self.v[layer].narrow(2, self.length, n).copy_(v)
         return self.k[layer].narrow(2, 0, self.length + n), self.v[layer].narrow(2, 0, self.length + n)
 ''',
+        "KVCache.mask": '''
+    def mask(self, B, T):
+        seen = torch.zeros(B, 1, T, self.length + T, dtype=torch.bool)
+        for b in range(B):
+            first = int(self.pad[b])
+            for t in range(T):
+                slot = self.length + t
+                seen[b, 0, t, (first if slot >= first else 0):slot + 1] = True  # a pad sees the pads up to itself
+        return seen.to(self.pad.device)
+''',
+        "KVCache.positions": '''
+    def positions(self, B, T):
+        start = self.length - self.pad[:B, None]
+        return torch.maximum(start + torch.arange(T, device=start.device), torch.zeros_like(start))
+''',
         "CausalSelfAttention.forward": '''
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x, mask=None, cache=None, layer=0):
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = (t.transpose(1, 2) for t in self.c_attn(x).view(B, T, 3, self.n_head, hs).unbind(dim=2))
-        past = cache.length if cache is not None else 0
         if cache is not None:
             k, v = cache.store(layer, k, v)
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(hs)
-        query = torch.arange(past, past + T, device=x.device)[:, None]
-        key = torch.arange(k.shape[2], device=x.device)[None, :]
-        hidden = key > query
-        if cache is not None and cache.pad is not None:  # a real token skips the pads; a pad sees only itself
-            pad = cache.pad[:B].view(B, 1, 1, 1)
-            hidden = hidden | ((key < pad) & (query >= pad)) | ((query < pad) & (key != query))
-        weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         weights = F.dropout(weights, self.attn_dropout, self.training)
         y = torch.einsum("bhqk,bhkd->bqhd", weights, v).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -142,13 +160,14 @@ ALTERNATIVE = {
         past = cache.length if cache is not None else 0
         if T + past > self.config.block_size:
             raise ValueError("too long")
-        positions = torch.arange(T, device=idx.device).expand(B, T) + past
-        if cache is not None and cache.pad is not None:
-            positions = torch.maximum(positions - cache.pad[:B].unsqueeze(1), torch.zeros_like(positions))
+        mask = None
+        positions = torch.arange(T, device=idx.device).expand(B, T)
+        if cache is not None:
+            positions, mask = cache.positions(B, T), cache.mask(B, T)
         h = self.transformer.wte(idx) + self.transformer.wpe(positions)
         h = self.transformer.drop(h)
         for i in range(self.config.n_layer):
-            h = self.transformer.h[i](h, cache, i)
+            h = self.transformer.h[i](h, mask, cache, i)
         h = self.transformer.ln_f(h)
         if cache is not None:
             cache.length = past + T

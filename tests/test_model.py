@@ -7,7 +7,7 @@ import torch
 from conftest import write_hf_gpt2
 
 from data.tasks import EOT, get_tokenizer
-from model import GPT
+from model import GPT, GPTConfig, KVCache
 from plumbing.errors import UserError
 from plumbing.hf_checkpoint import PRETRAINED, hf_state_dict
 
@@ -163,6 +163,31 @@ def test_left_padded_rows_equal_each_alone(tiny_gpt2):
         for got_row, i in zip(out, [2, 0], strict=True):
             expected = model(torch.cat([rows[i], nxt[[2, 0].index(i)]])[None])[0][0, -1]
             assert (got_row - expected).abs().max().item() <= 1e-5
+
+
+def test_cache_mask_never_leaves_a_softmax_row_empty():
+    """For any mix of left padding, past length and new tokens: every query of KVCache.mask sees at least one slot
+    (an empty row is 0 on some torch kernels and NaN on others, and a pad's NaN would reach the real tokens
+    through the next layer's keys); a real token sees exactly the real slots up to its own, a pad never the
+    future; and positions count from each row's first real token."""
+    import itertools
+
+    config = GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=2)
+    for pads in itertools.product(range(7), repeat=2):  # a pad may reach past the slots filled so far
+        for length, T in itertools.product(range(5), range(1, 4)):
+            cache = KVCache(config, 3, 16, "cpu", torch.float32, pad=[*pads, 0])  # row 2 is not asked for
+            cache.length = length
+            mask, pos = cache.mask(2, T), cache.positions(2, T)
+            assert mask.shape == (2, 1, T, length + T) and mask.dtype == torch.bool and pos.shape == (2, T)
+            assert mask.any(dim=-1).all(), (pads, length, T)  # the property, whatever the kernel
+            key = torch.arange(length + T)
+            for b, t in itertools.product(range(2), range(T)):
+                query, row = length + t, mask[b, 0, t]
+                if query >= pads[b]:
+                    assert torch.equal(row, (key >= pads[b]) & (key <= query)), (pads, length, T, b, t)
+                    assert pos[b, t] == query - pads[b]
+                else:
+                    assert not row[query + 1:].any()
 
 
 def test_greedy_generate_cache_equals_no_cache_equals_transformers(tmp_path):
