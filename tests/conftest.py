@@ -14,6 +14,15 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    """Every test ends with the process at one torch thread again. A command run in this process may set its own
+    count (bench does, for its timings); the next test's numbers must not depend on it, since a sum split over
+    two threads rounds differently, and a bit-for-bit comparison with a one-thread child process then fails."""
+    yield
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def tokenizer_available():
     """Whether tiktoken's gpt2 files can be had: from ../shared (set above), its own cache, or the network."""
 

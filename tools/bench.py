@@ -976,8 +976,9 @@ def parse_args(argv=None):
                    "may use)")
     p.add_argument("--write", type=Path, default=None, metavar="PAGE", help="also write the tables, the command, "
                    "the date, the CPU and the versions to this markdown page (e.g. docs/performance.md), when all "
-                   "sections are done")
-    p.add_argument("--force", action="store_true", help="with --write: replace the page if it exists")
+                   "sections are done (default: print only)")
+    p.add_argument("--force", action="store_true", help="with --write: replace the page if it exists (default: "
+                   "refuse)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -996,8 +997,12 @@ def main(argv=None):
         quiet_transformers()
         child_main(args._child)
         return
-    with reported():  # a mistake is one line, Ctrl-C exits 130, and no page is left half-written
-        measure(args, argv)
+    threads = torch.get_num_threads()
+    try:
+        with reported():  # a mistake is one line, Ctrl-C exits 130, and no page is left half-written
+            measure(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # the caller's count again (bench sets its own for the timings)
 
 
 def measure(args, argv):
