@@ -81,8 +81,7 @@ def parse_args(argv=None):
                    help="autocast dtype; auto is bf16 where the GPU supports it, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (once: batch shapes are "
                    "symbolic)")
-    p.add_argument("--seed", type=int, default=1337, help="the random seed: LoRA's initial A, dropout and the "
-                   "order of the batches")
+    p.add_argument("--seed", type=int, default=1337, help="seed of LoRA's initial A, the dropout, the batch order")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
 
     def use_preset(task):  # the task's settings as defaults: flags given explicitly still win
